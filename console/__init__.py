@@ -1,0 +1,1 @@
+"""The Textual operator console (arrives with the admin API issue)."""

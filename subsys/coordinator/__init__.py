@@ -1,0 +1,128 @@
+"""The coordinator: who owns which topic, who has subscribers where.
+
+One interface, two implementations: ``EmbeddedCoordinator`` (in-process, one
+node, ``subsys dev`` without Consul) and ``ConsulCoordinator`` (a cluster).
+Nothing outside this package knows Consul's key layout.
+
+The interface follows Consul's semantics so both behave alike:
+
+* ownership is a lock on a per-topic key held by this node's session;
+  ``acquire`` returns the ``OwnerRecord`` with its ``epoch`` (a fencing
+  token that strictly increases across owners of a topic) or ``None``;
+* presence is one ephemeral key per (topic, node), written only when this
+  node's local subscriber count crosses zero;
+* the coordinator keeps a ``ClusterView`` fed by watches and bumps
+  ``generation`` on every change; the node reconciles against the view;
+* ``can_publish(topic, epoch)`` is the fencing gate: true only while the
+  view says this node holds that epoch *and* that was confirmed recently.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["OwnerRecord", "NodeRecord", "ClusterView", "Coordinator"]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    topic: str
+    node_id: str
+    address: str
+    epoch: int
+    since: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node_id: str
+    address: str
+    version: str = ""
+    started: float = 0.0
+
+
+@dataclass(slots=True)
+class ClusterView:
+    owners: dict[str, OwnerRecord] = field(default_factory=dict)
+    presence: dict[str, set[str]] = field(default_factory=dict)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+
+
+class Coordinator(abc.ABC):
+    """Base class: holds the view and the change signal; subclasses do the I/O."""
+
+    kind = "abstract"
+
+    def __init__(self, *, node_id: str, address: str) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.view = ClusterView()
+        self.generation = 0
+        self._changed = asyncio.Condition()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Register this node; return once the first view is loaded."""
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Keep the registration alive and the view fresh until cancelled."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Leave the cluster: drop every key this node holds."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True while this node is registered and its view is live."""
+
+    def health(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ready": self.ready}
+
+    # -- ownership ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def acquire(self, topic: str) -> OwnerRecord | None:
+        """Try to take the topic's owner key; ``None`` if someone else holds it."""
+
+    @abc.abstractmethod
+    async def release(self, topic: str, epoch: int) -> None:
+        """Give the key back if this node still holds it at ``epoch``."""
+
+    @abc.abstractmethod
+    def can_publish(self, topic: str, epoch: int) -> bool:
+        """The fencing gate, checked before every publish."""
+
+    async def confirm(self, topic: str, epoch: int) -> bool:
+        """Re-check ownership against the source of truth (default: the view)."""
+        owner = self.view.owners.get(topic)
+        return owner is not None and owner.node_id == self.node_id and owner.epoch == epoch
+
+    # -- presence ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def set_presence(self, topic: str, present: bool) -> None:
+        """Record whether this node has local subscribers to ``topic``."""
+
+    # -- change signal -----------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
+
+    async def wait_changed(self, seen: int, timeout: float) -> int:
+        """Wait until ``generation`` moves past ``seen`` (or timeout); return it."""
+        async with self._changed:
+            if self.generation == seen:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            return self.generation

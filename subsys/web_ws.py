@@ -1,0 +1,216 @@
+"""The client WebSocket endpoint ``/ws`` (protocol v1, docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .appkeys import CONNECTIONS, NODE
+from .config import LimitsConfig
+from .encoding import dumps
+from .errors import ProtocolError, SubsysError
+from .node import Node
+from .protocol import PROTOCOL_VERSION, Publication, error_frame, parse_client_frame
+from ._outbox import Outbox, SendFailed
+
+__all__ = ["ClientConnection", "websocket_handler", "close_all", "CLOSE_SLOW_CONSUMER"]
+
+log = logging.getLogger(__name__)
+
+# Application close code (4000-4999 range) for a client that did not read for limits.send_timeout.
+CLOSE_SLOW_CONSUMER = 4008
+_ids = itertools.count(1)
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class ClientConnection:
+    """One client socket: its subscriptions, its limits and its outbox."""
+
+    def __init__(self, *, ws: web.WebSocketResponse, node: Node, limits: LimitsConfig, peer: str) -> None:
+        self.id = next(_ids)
+        self.ws = ws
+        self.node = node
+        self.limits = limits
+        self.peer = peer
+        self.topics: set[str] = set()
+        self._bucket = _TokenBucket(limits.messages_per_second, limits.message_burst)
+        self._rate_limited_told = 0.0
+        self.outbox = Outbox(
+            send=ws.send_str,
+            current=self._current,
+            limit=limits.send_queue,
+            send_timeout=limits.send_timeout,
+        )
+
+    def _current(self, topic: str) -> tuple[Publication | None, Publication | None]:
+        state = self.node.registry.get(topic)
+        return state.current() if state is not None else (None, None)
+
+    def deliver(self, publication: Publication) -> None:
+        self.outbox.deliver(publication)
+
+    def _error(self, code: str, message: str, *, topic: str | None = None, ref: Any = None) -> None:
+        self.outbox.control(error_frame(code, message, topic=topic, ref=ref))
+
+    async def handle_text(self, text: str) -> None:
+        if len(text.encode("utf-8")) > self.limits.max_frame_bytes:
+            self._error("frame_too_large", f"frame exceeds {self.limits.max_frame_bytes} bytes")
+            return
+        if not self._bucket.take():
+            now = time.monotonic()
+            if now - self._rate_limited_told >= 1.0:
+                self._rate_limited_told = now
+                self._error("rate_limited", f"more than {self.limits.messages_per_second:g} frames/s; frame dropped")
+            return
+        try:
+            frame = parse_client_frame(text)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message)
+            return
+        if frame.type == "ping":
+            self.outbox.control(dumps({"type": "pong", "ref": frame.ref} if frame.ref is not None else {"type": "pong"}))
+            return
+        assert frame.topic is not None
+        if frame.type == "subscribe":
+            self._subscribe(frame.topic, frame.ref)
+        else:
+            self._unsubscribe(frame.topic, frame.ref)
+
+    def _subscribe(self, topic: str, ref: Any) -> None:
+        if self.node.draining and not self.node.coordinator.ready:
+            self._error("shutting_down", "node is going away", topic=topic, ref=ref)
+            return
+        try:
+            name, _feed, _param = self.node.resolve(topic)
+        except SubsysError as exc:
+            self._error(exc.code, exc.message, topic=topic, ref=ref)
+            return
+        if name in self.topics:
+            self._error("already_subscribed", f"already subscribed to {name}", topic=name, ref=ref)
+            return
+        if len(self.topics) >= self.limits.max_subscriptions:
+            self._error(
+                "too_many_subscriptions",
+                f"at most {self.limits.max_subscriptions} subscriptions per connection",
+                topic=name,
+                ref=ref,
+            )
+            return
+        self.topics.add(name)
+        self.outbox.track(name)
+        state = self.node.subscribe(self, name)
+        snapshot, status = state.current()
+        if ref is not None:
+            self.outbox.control(dumps({"type": "subscribed", "topic": name, "ref": ref}))
+        if status is not None:
+            self.outbox.deliver(status)
+        if snapshot is not None:
+            self.outbox.deliver(snapshot)
+
+    def _unsubscribe(self, topic: str, ref: Any) -> None:
+        if topic not in self.topics:
+            self._error("not_subscribed", f"not subscribed to {topic}", topic=topic, ref=ref)
+            return
+        self.topics.discard(topic)
+        self.outbox.untrack(topic)
+        self.node.unsubscribe(self, topic)
+        frame: dict[str, Any] = {"type": "unsubscribed", "topic": topic}
+        if ref is not None:
+            frame["ref"] = ref
+        self.outbox.control(dumps(frame))
+
+    def detach(self) -> None:
+        for topic in list(self.topics):
+            self.node.unsubscribe(self, topic)
+        self.topics.clear()
+        self.outbox.close()
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    node = request.app[NODE]
+    limits = node.settings.limits
+    ws = web.WebSocketResponse(
+        heartbeat=limits.heartbeat,
+        # Frames up to 4x the limit are read and answered with frame_too_large;
+        # beyond that aiohttp closes with 1009 (message too big).
+        max_msg_size=limits.max_frame_bytes * 4,
+    )
+    await ws.prepare(request)
+    conn = ClientConnection(ws=ws, node=node, limits=limits, peer=request.remote or "?")
+    connections = request.app[CONNECTIONS]
+    connections.add(conn)
+    conn.outbox.control(
+        dumps(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "node": node.node_id,
+                "limits": {
+                    "max_frame_bytes": limits.max_frame_bytes,
+                    "max_subscriptions": limits.max_subscriptions,
+                    "messages_per_second": limits.messages_per_second,
+                },
+            }
+        )
+    )
+    writer = asyncio.create_task(conn.outbox.run(), name=f"ws-writer-{conn.id}")
+    writer.add_done_callback(lambda task: _writer_done(task, ws))
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await conn.handle_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                conn._error("unsupported_frame", "binary frames are not part of protocol v1")
+            elif msg.type == WSMsgType.ERROR:
+                log.info("client %s socket error: %s", conn.peer, ws.exception())
+                break
+    finally:
+        connections.discard(conn)
+        conn.detach()
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+def _writer_done(task: asyncio.Task, ws: web.WebSocketResponse) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, SendFailed) and not ws.closed:
+        log.warning("closing slow or broken client socket: %s", exc)
+        asyncio.ensure_future(ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"))
+    elif exc is not None:
+        log.error("client writer crashed", exc_info=exc)
+
+
+async def close_all(connections: set[ClientConnection], *, timeout: float = 2.0) -> None:
+    """Flush what is queued, then close every client with 1001 going-away."""
+    deadline = time.monotonic() + timeout
+    while any(conn.outbox.queued() for conn in connections) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.gather(
+        *(conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down") for conn in list(connections)),
+        return_exceptions=True,
+    )
