@@ -196,6 +196,13 @@ def load_settings(
             secret_values[name] = env[var]
     secret_values.setdefault("consul_token", "")
 
+    if consul.address and not secret_values.get("cluster_secret"):
+        raise ConfigError(
+            "a cluster (consul.address / CONSUL_HTTP_ADDR set) needs the peer-link secret: "
+            "set SUBSYS_CLUSTER_SECRET in the environment",
+            source=source,
+            key="SUBSYS_CLUSTER_SECRET",
+        )
     feeds = _parse_feeds(raw.get("feeds", {}), source)
     return Settings(
         node=node,

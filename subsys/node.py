@@ -20,7 +20,7 @@ import asyncpg
 from . import __version__
 from .config import Feed, Settings
 from .coordinator import Coordinator
-from .errors import TopicError
+from .errors import CoordinatorError, TopicError
 from .poller import Poller
 from .registry import Receiver, TopicRegistry, TopicState
 from .topics import convert_param, parse_topic
@@ -169,7 +169,7 @@ class Node:
     async def reconcile(self) -> None:
         view = self.coordinator.view
         for topic, owner in list(view.owners.items()):
-            if owner.node_id == self.node_id and self.registry.get(topic) is None:
+            if self.coordinator.holds(owner) and self.registry.get(topic) is None:
                 try:
                     self.topic_state(topic)  # owned but unknown here: adopt, then decide below
                 except TopicError:
@@ -177,6 +177,8 @@ class Node:
         for state in self.registry:
             try:
                 await self._reconcile_topic(state)
+            except CoordinatorError as exc:
+                log.debug("reconcile deferred topic=%s: %s", state.topic, exc)
             except Exception:
                 log.exception("reconcile failed topic=%s", state.topic)
 
@@ -187,13 +189,15 @@ class Node:
         owner = self.coordinator.view.owners.get(topic)
         running = self._pollers.get(topic)
 
-        if owner is not None and owner.node_id == self.node_id:
+        if self.coordinator.holds(owner):
             self._orphan_since.pop(topic, None)
             if self.draining:
                 await self._stop_poller(topic, release=True, why="draining")
                 return
             if running is None or running[0].epoch != owner.epoch:
                 await self._stop_poller(topic, release=False, why="epoch changed")
+                if not self.coordinator.can_publish(topic, owner.epoch):
+                    return  # ownership not confirmed recently (coordinator unreachable): wait
                 self._start_poller(state, owner.epoch)
             state.role, state.owner_node = "owner", self.node_id
             await self._unfollow(topic)
@@ -231,7 +235,7 @@ class Node:
             ):
                 state.role = "acquiring"
                 record = await self.coordinator.acquire(topic)
-                if record is not None and record.node_id == self.node_id:
+                if record is not None and self.coordinator.holds(record):
                     log.info("acquired topic=%s epoch=%d", topic, record.epoch)
                     self._orphan_since.pop(topic, None)
                     state.role, state.owner_node = "owner", self.node_id
@@ -291,15 +295,19 @@ class Node:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         owner = self.coordinator.view.owners.get(topic)
-        if release and owner is not None and owner.node_id == self.node_id:
+        if release and self.coordinator.holds(owner):
             try:
                 await self.coordinator.release(topic, owner.epoch)
             except Exception as exc:
                 log.warning("release failed topic=%s: %s", topic, exc)
         state = self.registry.get(topic)
-        if state is not None and state.role == "owner":
-            state.role = "idle"
-            state.cluster_empty_since = None
+        if state is not None:
+            for receiver in list(state.remote):
+                receiver.drop_topic(topic)  # followers look for the next owner
+            state.remote.clear()
+            if state.role == "owner":
+                state.role = "idle"
+                state.cluster_empty_since = None
 
     async def _unfollow(self, topic: str) -> None:
         if self.follower is not None and self.follower.following(topic):

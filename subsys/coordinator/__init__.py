@@ -34,6 +34,7 @@ class OwnerRecord:
     address: str
     epoch: int
     since: float = 0.0
+    holder: str = ""  # the session (Consul) or node (embedded) that holds the key
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,18 @@ class Coordinator(abc.ABC):
 
     # -- ownership ---------------------------------------------------------
 
+    @property
+    def holder_id(self) -> str:
+        """What identifies this node's hold on a key (its current session)."""
+        return self.node_id
+
+    def holds(self, record: OwnerRecord | None) -> bool:
+        """True if ``record`` is held by this node's *current* registration."""
+        return record is not None and record.holder == self.holder_id
+
+    def owned(self) -> dict[str, OwnerRecord]:
+        return {topic: rec for topic, rec in self.view.owners.items() if self.holds(rec)}
+
     @abc.abstractmethod
     async def acquire(self, topic: str) -> OwnerRecord | None:
         """Try to take the topic's owner key; ``None`` if someone else holds it."""
@@ -102,7 +115,7 @@ class Coordinator(abc.ABC):
     async def confirm(self, topic: str, epoch: int) -> bool:
         """Re-check ownership against the source of truth (default: the view)."""
         owner = self.view.owners.get(topic)
-        return owner is not None and owner.node_id == self.node_id and owner.epoch == epoch
+        return self.holds(owner) and owner.epoch == epoch
 
     # -- presence ----------------------------------------------------------
 

@@ -40,7 +40,7 @@ class EmbeddedCoordinator(Coordinator):
         current = self.view.owners.get(topic)
         if current is not None:
             return current if current.node_id == self.node_id else None
-        record = OwnerRecord(topic, self.node_id, self.address, epoch=1, since=time.time())
+        record = OwnerRecord(topic, self.node_id, self.address, epoch=1, since=time.time(), holder=self.node_id)
         self.view.owners[topic] = record
         await self._notify()
         return record
