@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ class ConsulAPI:
         self._dc = datacenter
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        # Requests sent, by "METHOD endpoint" (for /health and `subsys bench consul-writes`).
+        self.requests: collections.Counter[str] = collections.Counter()
 
     async def open(self) -> None:
         if self._session is None:
@@ -80,6 +83,7 @@ class ConsulAPI:
         if self._dc:
             query["dc"] = self._dc
         kwargs: dict[str, Any] = {"params": query, "timeout": aiohttp.ClientTimeout(total=timeout or self._timeout)}
+        self.requests[f"{method} {_endpoint(path)}"] += 1
         if body is not None:
             kwargs["data"] = json.dumps(body)
         elif data is not None:
@@ -191,3 +195,10 @@ def _entry(item: dict[str, Any]) -> KVEntry:
 def _looks_unavailable(text: str) -> bool:
     lowered = text.lower()
     return any(mark in lowered for mark in ("no cluster leader", "rpc error", "no path to datacenter", "timeout"))
+
+
+def _endpoint(path: str) -> str:
+    parts = path.split("/")
+    if parts[0] == "kv":
+        return "kv"
+    return "/".join(parts[:2])

@@ -100,6 +100,7 @@ class ConsulCoordinator(Coordinator):
             "session": self.session,
             "confirmed_ago": round(age, 3) if age != float("inf") else None,
             "last_error": self._last_error or None,
+            "requests": dict(self.api.requests),
         }
 
     async def start(self) -> None:
