@@ -169,12 +169,14 @@ async def bench_consul_writes(*, topics: int, interval: float, window: float = 6
             node.start()
             try:
                 await node.wait_ready()
-                clients = []
+                clients, readers = [], []
                 async with aiohttp.ClientSession() as session:
                     for i in range(1, topics + 1):
                         ws = await session.ws_connect(node.ws_url)
                         await ws.send_json({"type": "subscribe", "topic": f"items:{i}"})
                         clients.append(ws)
+                        # Keep reading: aiohttp answers the node's heartbeat pings only while receiving.
+                        readers.append(asyncio.create_task(_drain(ws)))
                     await _wait(lambda: _pollers(node, topics), timeout=120)
                     await asyncio.sleep(3.0)  # settle
                     before_node = await _requests(node)
@@ -184,6 +186,9 @@ async def bench_consul_writes(*, topics: int, interval: float, window: float = 6
                     after_raft = await _raft_applies(ctx["agent"])
                     for ws in clients:
                         await ws.close()
+                    for reader in readers:
+                        reader.cancel()
+                    await asyncio.gather(*readers, return_exceptions=True)
             finally:
                 node.stop()
     per_minute = 60.0 / window
@@ -196,6 +201,11 @@ async def bench_consul_writes(*, topics: int, interval: float, window: float = 6
         "by_endpoint_per_min": {k: v for k, v in sorted(delta.items()) if v},
         "raft_log_entries_per_min": round((after_raft - before_raft) * per_minute, 1),
     }
+
+
+async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
+    async for _msg in ws:
+        pass
 
 
 async def _pollers(node: NodeProcess, expected: int) -> bool:
