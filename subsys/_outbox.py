@@ -49,6 +49,7 @@ class Outbox:
         limit: int,
         send_timeout: float,
         resync_type: str | None = "resync",
+        control_limit: int = 64,
     ) -> None:
         self._send = send
         self._current = current  # topic -> (snapshot publication, status publication)
@@ -56,7 +57,9 @@ class Outbox:
         self._send_timeout = send_timeout
         self._resync_type = resync_type
         self._data: collections.deque = collections.deque()
-        self._control: collections.deque[str] = collections.deque(maxlen=64)
+        # Replies (pong, error, acks). Bounded; past the bound the oldest are dropped, so it
+        # must hold at least what the receiver may legitimately send in one burst.
+        self._control: collections.deque[str] = collections.deque(maxlen=control_limit)
         self._wakeup = asyncio.Event()
         self._cursors: dict[str, _Cursor] = {}
         self.overflows = 0

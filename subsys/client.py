@@ -81,9 +81,14 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str, *, timeout: float = 10.0) -> AsyncIterator[Client]:
+async def connect(url: str, *, timeout: float = 10.0, max_msg_size: int = 0) -> AsyncIterator[Client]:
+    """``max_msg_size``: largest frame accepted, 0 for no limit (the default: a snapshot is
+    as large as the feed's result, up to its max_rows, and aiohttp's 4 MiB default would
+    close the socket with 1009 instead)."""
     async with aiohttp.ClientSession() as session:
-        ws = await session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout), heartbeat=20)
+        ws = await session.ws_connect(
+            url, timeout=aiohttp.ClientWSTimeout(ws_close=timeout), heartbeat=20, max_msg_size=max_msg_size
+        )
         client = Client(ws)
         client._reader = asyncio.create_task(client._read())
         try:

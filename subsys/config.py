@@ -60,8 +60,8 @@ class NodeConfig:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
-    url: str = ""
-    min_pool: int = 1
+    url: str = field(default="", repr=False)  # may carry a password: never printed
+    min_pool: int = 0
     max_pool: int = 10
     retry_initial: float = 0.2
     retry_max: float = 5.0
@@ -190,11 +190,17 @@ def load_settings(
     _check_ranges(node, sections["database"], sections["limits"], consul, source)
 
     secrets = _table(raw, "secrets", source)
-    secret_values = {name: str(secrets.get(name, "")) for name in ("cluster_secret", "admin_token")}
+    unknown_secrets = set(secrets) - {"cluster_secret", "admin_token", "consul_token"}
+    if unknown_secrets:
+        raise ConfigError(
+            f"unknown key(s): {', '.join(sorted(unknown_secrets))} (known: cluster_secret, admin_token, consul_token)",
+            source=source,
+            key="secrets",
+        )
+    secret_values = {name: str(secrets.get(name, "")) for name in ("cluster_secret", "admin_token", "consul_token")}
     for var, name in _SECRET_ENV.items():
         if env.get(var):
             secret_values[name] = env[var]
-    secret_values.setdefault("consul_token", "")
 
     if consul.address and not secret_values.get("cluster_secret"):
         raise ConfigError(
@@ -260,13 +266,18 @@ def _coerce(value: Any, kind: type, source: str, key: str) -> Any:
 
 def _complete_node(node: NodeConfig, source: str) -> NodeConfig:
     node_id = node.node_id or f"{socket.gethostname().split('.')[0]}-{node.port}"
-    if not _NODE_ID_RE.match(node_id):
+    if not _NODE_ID_RE.fullmatch(node_id):
         raise ConfigError(
             "must be 1-63 chars of letters, digits, '_', '.', '-'", source=source, key="node.node_id"
         )
-    advertise = node.advertise_url or f"http://{node.host}:{node.port}"
+    host = node.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()  # peers cannot dial a wildcard address; set advertise_url if this is wrong
+    advertise = node.advertise_url or f"http://{host}:{node.port}"
     if node.log_format not in ("human", "json"):
         raise ConfigError("must be 'human' or 'json'", source=source, key="node.log_format")
+    if node.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL", source=source, key="node.log_level")
     return dataclasses.replace(node, node_id=node_id, advertise_url=advertise.rstrip("/"))
 
 
@@ -274,6 +285,11 @@ def _check_ranges(node, database, limits, consul, source: str) -> None:
     checks = [
         ("node.port", 0 <= node.port <= 65535, "must be 0-65535"),
         ("node.grace_period", node.grace_period >= 0, "must be >= 0"),
+        (
+            "database.url",
+            not database.url or database.url.split("://", 1)[0] in ("postgresql", "postgres"),
+            "must be a postgresql://user:password@host:port/database URL",  # never echo it: may hold a password
+        ),
         ("database.min_pool", database.min_pool >= 0, "must be >= 0"),
         ("database.max_pool", database.max_pool >= max(1, database.min_pool), "must be >= min_pool and >= 1"),
         ("database.retry_initial", database.retry_initial > 0, "must be > 0"),
@@ -301,7 +317,7 @@ def _parse_feeds(raw: Any, source: str) -> dict[str, Feed]:
     known = {f.name for f in dataclasses.fields(Feed)} - {"name"}
     for name, table in raw.items():
         where = f"feeds.{name}"
-        if not _FEED_NAME_RE.match(name):
+        if not _FEED_NAME_RE.fullmatch(name):
             raise ConfigError("feed name must match [a-z][a-z0-9_]{0,63}", source=source, key=where)
         if not isinstance(table, dict):
             raise ConfigError("must be a table", source=source, key=where)
@@ -317,7 +333,7 @@ def _parse_feeds(raw: Any, source: str) -> dict[str, Feed]:
                 source=source,
                 key=f"{where}.sql",
             )
-        if re.search(r"\$[2-9]", sql):
+        if set(re.findall(r"\$(\d+)", sql)) != {"1"}:
             raise ConfigError("may only use the parameter $1", source=source, key=f"{where}.sql")
         key = table.get("key")
         if isinstance(key, str):

@@ -59,10 +59,36 @@ def compute_diff(old: Rows, new: Rows, key_columns: Sequence[str]) -> Diff:
         previous = old.get(key)
         if previous is None:
             inserted.append(row)
-        elif previous != row:
+        elif previous != row or not _same_types(previous, row):
             updated.append(row)
     deleted = [key for key in old if key not in new]
     return Diff(inserted=inserted, updated=updated, deleted=deleted)
+
+
+_CONTAINERS = (dict, list)
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """Given ``a == b`` in Python, are they also equal as JSON? Only the types can differ."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is dict:
+        return all(_json_equal(value, b[key]) for key, value in a.items())
+    if kind is list:
+        return all(map(_json_equal, a, b))
+    return True
+
+
+def _same_types(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Python equates True, 1 and 1.0; JSON clients do not. A json/jsonb value that flips
+    between them is a change (called only on rows that are already ``==``)."""
+    for column, value in old.items():
+        kind = type(value)
+        other = new[column]
+        if kind is not type(other) or (kind in _CONTAINERS and not _json_equal(value, other)):
+            return False
+    return True
 
 
 def apply_diff(old: Rows, diff: Diff, key_columns: Sequence[str]) -> Rows:

@@ -7,15 +7,22 @@
 | integer within +-(2**53 - 1)         | number                                      |
 | integer outside that range           | string of decimal digits (JS would round it)|
 | real / double                        | number; NaN and +-Infinity as strings       |
-| numeric (Decimal)                    | string, exact ("12.50"); NaN as "NaN"       |
-| timestamp / timestamptz              | ISO 8601 string (timestamptz with offset)   |
-| date, time, timetz                   | ISO 8601 string                             |
+| numeric (Decimal)                    | string, exact, plain digits ("12.50",       |
+|                                      | "0.00000001"); "NaN", "Infinity"            |
+| timestamp / timestamptz              | ISO 8601 string (timestamptz with offset);  |
+|                                      | "infinity" / "-infinity"                    |
+| date, time, timetz                   | ISO 8601 string; dates also +-infinity      |
 | interval                             | number of seconds (float)                   |
 | uuid                                 | string, canonical lowercase                 |
 | bytea                                | string, standard base64                     |
 | json / jsonb                         | the JSON value itself                       |
 | arrays                               | array of the element mapping                |
-| anything else (inet, ranges, ...)    | its text form                               |
+| composite types                      | object of the field mapping                 |
+| ranges                               | {"lower","upper","lower_inc","upper_inc",   |
+|                                      |  "empty"}, bounds by this mapping (null:    |
+|                                      |  unbounded)                                 |
+| bit / varbit                         | string of 0 and 1                           |
+| anything else (inet, cidr, macaddr)  | its text form                               |
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ import json
 import math
 import uuid
 from typing import Any, Iterable, Mapping
+
+import asyncpg
 
 __all__ = ["encode_value", "encode_row", "dumps"]
 
@@ -45,8 +54,24 @@ def encode_value(value: Any) -> Any:
             return "Infinity" if value > 0 else "-Infinity"
         return value
     if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        if value.is_nan():
+            return "NaN"
+        if value.is_infinite():
+            return "Infinity" if value > 0 else "-Infinity"
+        return format(value, "f")  # plain digits: "0.00000001", never "1E-8"
+    if isinstance(value, dt.datetime):
+        if value.replace(tzinfo=None) == dt.datetime.max:
+            return "infinity"
+        if value.replace(tzinfo=None) == dt.datetime.min:
+            return "-infinity"
+        return value.isoformat()
+    if isinstance(value, dt.date):
+        if value == dt.date.max:
+            return "infinity"
+        if value == dt.date.min:
+            return "-infinity"
+        return value.isoformat()
+    if isinstance(value, dt.time):
         return value.isoformat()
     if isinstance(value, dt.timedelta):
         return value.total_seconds()
@@ -58,6 +83,18 @@ def encode_value(value: Any) -> Any:
         return [encode_value(item) for item in value]
     if isinstance(value, dict):
         return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, asyncpg.Record):  # a composite type
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, asyncpg.Range):
+        return {
+            "lower": encode_value(value.lower),
+            "upper": encode_value(value.upper),
+            "lower_inc": value.lower_inc,
+            "upper_inc": value.upper_inc,
+            "empty": value.isempty,
+        }
+    if isinstance(value, asyncpg.BitString):
+        return value.as_string()
     return str(value)
 
 

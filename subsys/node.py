@@ -62,13 +62,19 @@ class Node:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(
-            self.settings.database.url or None,
-            min_size=0,
+        options = dict(
             max_size=self.settings.database.max_pool,
             server_settings={"application_name": f"subsys:{self.node_id}"},
             init=_init_connection,
         )
+        try:
+            self.pool = await asyncpg.create_pool(
+                self.settings.database.url, min_size=self.settings.database.min_pool, **options
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Serve anyway (not ready): pollers retry with backoff and /health says why.
+            log.warning("database unreachable at start (%s); connecting lazily", exc)
+            self.pool = await asyncpg.create_pool(self.settings.database.url, min_size=0, **options)
         await self.coordinator.start()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"node-{self.node_id}")
 
@@ -249,15 +255,15 @@ class Node:
             and topic not in self._pollers
             and state.role == "idle"
             and (state.empty_since is None or now - state.empty_since >= grace)
-            and self._presence_written.get(topic) is False
+            and not self._presence_written.get(topic)
         ):
             self.registry.remove(topic)
             self._presence_written.pop(topic, None)
             self._orphan_since.pop(topic, None)
 
     async def _sync_presence(self, topic: str, present: bool) -> None:
-        if self._presence_written.get(topic) is present:
-            return
+        if self._presence_written.get(topic, False) is present:
+            return  # never written counts as absent: no needless delete
         try:
             await self.coordinator.set_presence(topic, present)
         except Exception as exc:

@@ -58,10 +58,19 @@ def _limited_sql(feed: Feed) -> str:
 async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any) -> Rows:
     timeout = feed.statement_timeout
     try:
-        async with pool.acquire(timeout=timeout) as conn:
-            records = await conn.fetch(_limited_sql(feed), param, timeout=timeout)
+        conn = await pool.acquire(timeout=timeout)
+    except asyncio.TimeoutError as exc:
+        # No connection in time (server not answering, or the pool exhausted): the query never
+        # ran, so this is not a query_timeout.
+        raise PollError(f"database unavailable: no connection within {timeout:g}s", code="database_unavailable") from exc
     except Exception as exc:  # every failure becomes a PollError with a code
         raise classify_error(exc) from exc
+    try:
+        records = await conn.fetch(_limited_sql(feed), param, timeout=timeout)
+    except Exception as exc:
+        raise classify_error(exc) from exc
+    finally:
+        await pool.release(conn)
     if len(records) > feed.max_rows:
         raise PollError(f"result has more than max_rows={feed.max_rows} rows", code="row_limit_exceeded")
     return index_rows((encode_row(record.items()) for record in records), feed.key)

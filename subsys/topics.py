@@ -1,7 +1,9 @@
 """Topic grammar: ``feed:param``.
 
 * feed: 1-64 chars, a lowercase letter then lowercase letters, digits, ``_``.
-* param: 1-128 chars of ``A-Z a-z 0-9 _ - . @``.
+* param: 1-128 chars of ``A-Z a-z 0-9 _ - . @``; for ``int`` feeds the
+  plain decimal form (``42``, not ``042`` or ``4_2``), for ``uuid`` feeds the
+  canonical lowercase hyphenated form, so one topic has one name (and one poller).
 
 Anything else is rejected at the edge with ``invalid_topic``. The parameter
 is always passed to PostgreSQL as a bound parameter; the grammar is a
@@ -38,7 +40,7 @@ def parse_topic(value: Any) -> Topic:
         raise TopicError("topic must be a string 'feed:param'")
     if len(value) > MAX_TOPIC_LENGTH:
         raise TopicError(f"topic longer than {MAX_TOPIC_LENGTH} characters")
-    match = _TOPIC_RE.match(value)
+    match = _TOPIC_RE.fullmatch(value)  # not .match: "$" also matches before a final "\n"
     if match is None:
         raise TopicError(
             "topic must be 'feed:param': feed is [a-z][a-z0-9_]{0,63}, param is [A-Za-z0-9_.@-]{1,128}"
@@ -57,10 +59,16 @@ def convert_param(raw: str, param_type: str) -> Any:
             raise TopicError(f"parameter {raw!r} is not an integer", code="invalid_param") from None
         if not -(2**63) <= value < 2**63:
             raise TopicError(f"parameter {raw!r} is out of range", code="invalid_param")
+        if str(value) != raw:
+            # One topic, one spelling: orders:007 and orders:1_0 would be extra pollers of the same rows.
+            raise TopicError(f"parameter {raw!r} must be written as {value}", code="invalid_param")
         return value
     if param_type == "uuid":
         try:
-            return uuid.UUID(raw)
+            value = uuid.UUID(raw)
         except ValueError:
             raise TopicError(f"parameter {raw!r} is not a UUID", code="invalid_param") from None
+        if str(value) != raw:
+            raise TopicError(f"parameter {raw!r} must be written as {value}", code="invalid_param")
+        return value
     raise TopicError(f"unsupported parameter type {param_type!r}", code="invalid_param")
