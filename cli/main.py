@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from subsys.config import Settings, load_settings
-from subsys.errors import ConfigError
+from subsys.errors import ConfigError, SubsysError
 
 __all__ = ["app", "main"]
 
@@ -58,7 +58,7 @@ def serve(
         raise typer.Exit(2)
     try:
         asyncio.run(async_run(settings))
-    except OSError as exc:
+    except (OSError, SubsysError) as exc:  # port taken, Consul refused us (ACL), ...
         err.print(f"[bold red]cannot serve:[/] {exc}")
         raise typer.Exit(1) from None
 
@@ -108,13 +108,22 @@ def bench(
     kills: int = typer.Option(20, help="failover: owner kills to time."),
     topics: int = typer.Option(100, help="consul-writes: subscribed topics."),
     interval: float = typer.Option(0.1, help="Feed poll interval in seconds."),
+    check_ttl: float = typer.Option(3.0, "--check-ttl", help="failover: the nodes' Consul check TTL in seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Measure subsys on this machine (each bench starts what it needs and stops it)."""
     from subsys.bench import run_bench
 
     result = asyncio.run(
-        run_bench(what, changes=changes, clients=clients, kills=kills, topics=topics, interval=interval)
+        run_bench(
+            what,
+            changes=changes,
+            clients=clients,
+            kills=kills,
+            topics=topics,
+            interval=interval,
+            check_ttl=check_ttl,
+        )
     )
     if as_json:
         print(json.dumps(result))

@@ -1,128 +1,116 @@
 """Cluster benchmarks: failover time and Consul writes (``subsys bench failover|consul-writes``).
 
-Each run starts its own embedded PostgreSQL, a loopback Consul server agent
-(consul/install.sh) and ``subsys serve`` processes, and stops them all.
+Each run is a :class:`~subsys._bench_support.BenchEnv`: its own embedded
+PostgreSQL, a loopback Consul server agent (consul/install.sh) and
+``subsys serve`` processes, all stopped at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
+import json
 import secrets
-import signal
 import statistics
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, Awaitable, Callable
 
-import aiohttp
-import asyncpg
-
+from ._bench_support import BenchEnv, BenchError, IdleClients, progress
 from .client import connect
 from .localcluster import ConsulAgent, NodeProcess
 
 __all__ = ["bench_failover", "bench_consul_writes"]
 
+PREFIX = "bench/"
+LOCK_DELAY = 0.5
 _SCHEMA = """
 create table if not exists items (id int primary key, grp int not null, v int not null);
 insert into items select g, g, 0 from generate_series(1, 200) g on conflict do nothing;
 """
 
 
-@contextlib.asynccontextmanager
-async def _cluster(workdir: Path, *, interval: float, check_ttl: float = 3.0) -> AsyncIterator[dict[str, Any]]:
-    import pgserver
-
-    pg = pgserver.get_server(str(workdir / "pg"), cleanup_mode="stop")
-    agent = ConsulAgent(workdir / "consul")
-    (workdir / "consul").mkdir()
-    try:
-        url = pg.get_uri()
-        conn = await asyncpg.connect(url)
-        await conn.execute(_SCHEMA)
-        await conn.close()
-        config = workdir / "subsys.toml"
-        config.write_text(
-            f"""
-[node]
-grace_period = 5.0
-[consul]
-check_ttl = {check_ttl}
-lock_delay = 0.5
-[feeds.items]
-sql = "select id, v from items where grp = $1"
-key = ["id"]
-param = "int"
-interval = {interval}
-"""
-        )
-        agent.start()
-        await agent.wait_ready()
-        env = {
-            "DATABASE_URL": url,
-            "CONSUL_HTTP_ADDR": agent.http_addr,
-            "SUBSYS_CLUSTER_SECRET": secrets.token_urlsafe(24),
-            "SUBSYS_CONSUL_PREFIX": "bench/",
-            "SUBSYS_LOG_LEVEL": "WARNING",
+async def _setup(env: BenchEnv, *, interval: float, check_ttl: float) -> tuple[Path, dict[str, str]]:
+    """PostgreSQL, Consul and the config: what a node needs; returns (config, node environment)."""
+    progress("starting PostgreSQL and Consul")
+    await env.start_postgres(_SCHEMA)
+    consul = await env.start_consul()
+    config = env.write_config(
+        {
+            "node": {"grace_period": 5.0},
+            "consul": {"check_ttl": float(check_ttl), "lock_delay": LOCK_DELAY},
+            "feeds": {
+                "items": {
+                    "sql": "select id, v from items where grp = $1",
+                    "key": ["id"],
+                    "param": "int",
+                    "interval": float(interval),
+                }
+            },
         }
-        yield {"config": config, "env": env, "agent": agent, "db": url, "workdir": workdir}
-    finally:
-        agent.stop()
-        pg.cleanup()
+    )
+    node_env = {
+        "CONSUL_HTTP_ADDR": consul.http_addr,
+        "SUBSYS_CLUSTER_SECRET": secrets.token_urlsafe(24),
+        "SUBSYS_CONSUL_PREFIX": PREFIX,
+        "SUBSYS_LOG_LEVEL": "WARNING",
+    }
+    return config, node_env
 
 
 async def _owner(agent: ConsulAgent, topic: str) -> tuple[str, int] | None:
-    import base64
-    import json
-
-    for entry in await agent.kv(f"bench/owners/{topic}"):
+    for entry in await agent.kv(f"{PREFIX}owners/{topic}"):
         if entry.get("Session"):
             return json.loads(base64.b64decode(entry["Value"]))["node"], entry["ModifyIndex"]
     return None
 
 
-async def _wait(predicate, timeout: float = 60.0):
+async def _wait(predicate: Callable[[], Awaitable[Any]], timeout: float = 60.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = await predicate()
         if value:
             return value
         await asyncio.sleep(0.02)
-    raise TimeoutError("condition not met")
+    raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-async def bench_failover(*, kills: int, interval: float) -> dict[str, Any]:
+# -- failover ------------------------------------------------------------------
+
+
+async def bench_failover(*, kills: int = 20, interval: float = 0.1, check_ttl: float = 3.0) -> dict[str, Any]:
     """SIGKILL the owner ``kills`` times; time to the first resync on another node."""
     topic = "items:1"
-    with tempfile.TemporaryDirectory(prefix="subsys-bench-") as tmp:
-        async with _cluster(Path(tmp), interval=interval) as ctx:
-            nodes = {
-                name: NodeProcess(name=name, config=ctx["config"], env=ctx["env"], workdir=Path(tmp))
-                for name in ("b1", "b2", "b3")
-            }
-            for node in nodes.values():
-                node.start()
-            await asyncio.gather(*(node.wait_ready() for node in nodes.values()))
-            times: list[float] = []
-            try:
-                for _ in range(kills):
-                    times.append(await _one_failover(nodes, ctx, topic))
-            finally:
-                for node in nodes.values():
-                    node.stop()
+    kills = max(1, int(kills))
+    started = time.monotonic()
+    async with BenchEnv() as env:
+        config, node_env = await _setup(env, interval=interval, check_ttl=check_ttl)
+        progress("starting three nodes")
+        nodes = {
+            name: await env.start_node(config, name=name, env=node_env, wait=False) for name in ("b1", "b2", "b3")
+        }
+        await asyncio.gather(*(node.wait_ready() for node in nodes.values()))
+        assert env.consul is not None
+        times: list[float] = []
+        for round_ in range(kills):
+            progress(f"kill {round_ + 1} of {kills}")
+            times.append(await _one_failover(nodes, env.consul, topic))
     return {
+        "bench": "failover",
+        "what": "SIGKILL of a topic's owner -> first resync (higher epoch) at a client on another node",
+        "setup": "3 node subprocesses on a loopback Consul server, embedded PostgreSQL; a client per node",
         "kills": len(times),
         "median_s": round(statistics.median(times), 3),
         "worst_s": round(max(times), 3),
         "best_s": round(min(times), 3),
-        "check_ttl_s": 3.0,
-        "lock_delay_s": 0.5,
+        "check_ttl_s": float(check_ttl),
+        "lock_delay_s": LOCK_DELAY,
         "interval_s": interval,
+        "duration_s": round(time.monotonic() - started, 1),
     }
 
 
-async def _one_failover(nodes: dict[str, NodeProcess], ctx: dict[str, Any], topic: str) -> float:
+async def _one_failover(nodes: dict[str, NodeProcess], agent: ConsulAgent, topic: str) -> float:
     resynced: dict[str, float] = {}
     base_epoch: dict[str, int] = {}
     ready = asyncio.Event()
@@ -137,75 +125,65 @@ async def _one_failover(nodes: dict[str, NodeProcess], ctx: dict[str, Any], topi
                 elif frame["type"] == "resync" and frame["epoch"] > base_epoch.get(node.name, 0):
                     resynced.setdefault(node.name, time.monotonic())
 
+    async def any_resync() -> bool:
+        return bool(resynced)
+
     tasks = [asyncio.create_task(watch(node)) for node in nodes.values()]
     try:
-        await asyncio.wait_for(ready.wait(), 60)
-        owner_name, _epoch = await _wait(lambda: _owner(ctx["agent"], topic))
+        try:
+            await asyncio.wait_for(ready.wait(), 60)
+        except asyncio.TimeoutError:
+            raise BenchError("not every node's client got a snapshot within 60s") from None
+        owner_name, _epoch = await _wait(lambda: _owner(agent, topic), what=f"an owner of {topic}")
         await asyncio.sleep(0.5)  # a settled cluster, like production
         victim = nodes[owner_name]
         killed_at = time.monotonic()
-        victim.signal(signal.SIGKILL)
-        await _wait(lambda: _any_resync(resynced), timeout=60)
+        victim.kill()
+        await _wait(any_resync, what="a resync on a surviving node")
         elapsed = min(resynced.values()) - killed_at
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    victim.proc.wait()
-    victim.start()  # the same node comes back for the next round
+    await victim.wait()
+    await victim.start()  # the same node comes back for the next round
     await victim.wait_ready()
     return elapsed
 
 
-async def _any_resync(resynced: dict[str, float]) -> bool:
-    return bool(resynced)
+# -- Consul writes ---------------------------------------------------------------
 
 
-async def bench_consul_writes(*, topics: int, interval: float, window: float = 60.0) -> dict[str, Any]:
+async def bench_consul_writes(*, topics: int = 100, interval: float = 0.1, window: float = 60.0) -> dict[str, Any]:
     """Consul requests one node makes per minute at steady state with ``topics`` subscribed topics."""
-    with tempfile.TemporaryDirectory(prefix="subsys-bench-") as tmp:
-        async with _cluster(Path(tmp), interval=interval) as ctx:
-            node = NodeProcess(name="w1", config=ctx["config"], env=ctx["env"], workdir=Path(tmp))
-            node.start()
-            try:
-                await node.wait_ready()
-                clients, readers = [], []
-                async with aiohttp.ClientSession() as session:
-                    for i in range(1, topics + 1):
-                        ws = await session.ws_connect(node.ws_url)
-                        await ws.send_json({"type": "subscribe", "topic": f"items:{i}"})
-                        clients.append(ws)
-                        # Keep reading: aiohttp answers the node's heartbeat pings only while receiving.
-                        readers.append(asyncio.create_task(_drain(ws)))
-                    await _wait(lambda: _pollers(node, topics), timeout=120)
-                    await asyncio.sleep(3.0)  # settle
-                    before_node = await _requests(node)
-                    before_raft = await _raft_applies(ctx["agent"])
-                    await asyncio.sleep(window)
-                    after_node = await _requests(node)
-                    after_raft = await _raft_applies(ctx["agent"])
-                    for ws in clients:
-                        await ws.close()
-                    for reader in readers:
-                        reader.cancel()
-                    await asyncio.gather(*readers, return_exceptions=True)
-            finally:
-                node.stop()
+    topics = max(1, int(topics))
+    async with BenchEnv() as env:
+        config, node_env = await _setup(env, interval=interval, check_ttl=3.0)
+        agent = env.consul
+        assert agent is not None
+        node = await env.start_node(config, name="w1", env=node_env)
+        async with IdleClients(node.ws_url) as pool:
+            await pool.open([f"items:{i}" for i in range(1, topics + 1)])
+            if pool.errors:
+                raise BenchError(f"{len(pool.errors)} clients could not subscribe: {pool.errors[:3]}")
+            await _wait(lambda: _pollers(node, topics), timeout=120, what=f"{topics} running pollers")
+            await asyncio.sleep(3.0)  # settle
+            progress(f"counting for {window:g}s")
+            before_node, before_raft = await _requests(node), await _raft_index(agent)
+            await asyncio.sleep(window)
+            after_node, after_raft = await _requests(node), await _raft_index(agent)
     per_minute = 60.0 / window
     delta = {k: round((after_node.get(k, 0) - before_node.get(k, 0)) * per_minute, 1) for k in after_node}
     writes = sum(v for k, v in delta.items() if k.split()[0] in ("PUT", "DELETE"))
     return {
+        "bench": "consul-writes",
+        "what": "Consul requests one node makes per minute at steady state with N subscribed topics",
         "topics": topics,
         "window_s": window,
         "node_write_requests_per_min": writes,
         "by_endpoint_per_min": {k: v for k, v in sorted(delta.items()) if v},
         "raft_log_entries_per_min": round((after_raft - before_raft) * per_minute, 1),
     }
-
-
-async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
-    async for _msg in ws:
-        pass
 
 
 async def _pollers(node: NodeProcess, expected: int) -> bool:
@@ -218,9 +196,7 @@ async def _requests(node: NodeProcess) -> dict[str, int]:
     return body["coordinator"].get("requests", {})
 
 
-async def _raft_applies(agent: ConsulAgent) -> float:
+async def _raft_index(agent: ConsulAgent) -> float:
     """The server's Raft last_log_index: every KV, session or catalog write adds one."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://{agent.http_addr}/v1/agent/self") as resp:
-            body = await resp.json()
+    body = await agent.get_json("agent/self")
     return float(body["Stats"]["raft"]["last_log_index"])

@@ -1,16 +1,11 @@
-"""Building blocks for ``subsys bench``: an embedded PostgreSQL, a config
-file, node processes, and the figures' arithmetic.
+"""Building blocks for ``subsys bench``: the environment of one run, and the figures' arithmetic.
 
 Every bench runs inside one ``BenchEnv`` (an async context manager): it owns
-a temporary directory, the embedded PostgreSQL (pgserver, Unix socket only),
-and every node process it started; leaving the block stops them all
-(SIGTERM, then SIGKILL after a timeout) and deletes the directory, also on
-error or Ctrl-C. Everything listens on loopback only.
-
-The failover and consul-writes benches (issue 3) need three nodes on a
-Consul agent: ``BenchEnv.start_node(env={"CONSUL_HTTP_ADDR": ...},
-node_id=...)`` starts each one, ``NodeProcess.kill()`` is the SIGKILL, and
-``NodeProcess.wait_healthy()`` the readiness gate.
+a temporary directory, the embedded PostgreSQL, a Consul agent if the bench
+asks for one, and every node process it started (all from
+:mod:`subsys.localcluster`); leaving the block stops them all (SIGTERM, then
+SIGKILL after a timeout) and deletes the directory, also on error or
+Ctrl-C. Everything listens on loopback only.
 """
 
 from __future__ import annotations
@@ -19,48 +14,31 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import resource
-import signal
-import socket
 import sys
 import tempfile
-import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import aiohttp
-import asyncpg
+
+from .localcluster import ConsulAgent, EmbeddedPostgres, NodeProcess, write_toml
 
 __all__ = [
     "BenchEnv",
-    "BenchFeed",
-    "EmbeddedPostgres",
-    "NodeProcess",
     "BenchError",
-    "free_port",
+    "IdleClients",
+    "progress",
     "raise_fd_limit",
     "summarize_ms",
     "percentile",
-    "write_config",
 ]
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
-
 
 class BenchError(RuntimeError):
     """The bench could not set up or run what it measures."""
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that is free on ``host`` right now (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def raise_fd_limit() -> int:
@@ -99,216 +77,98 @@ def summarize_ms(seconds: Iterable[float]) -> dict[str, Any]:
     }
 
 
-# -- PostgreSQL ----------------------------------------------------------------
+def progress(message: str) -> None:
+    if sys.stderr.isatty():
+        print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-class EmbeddedPostgres:
-    """pgserver in a directory of ours; listens on a Unix socket only (no TCP)."""
+class IdleClients:
+    """Raw aiohttp WebSocket clients, each subscribed to one topic, then left idle.
 
-    def __init__(self, pgdata: Path) -> None:
-        self.pgdata = pgdata
-        self._server: Any = None
-        self.uri = ""
+    A drain task per socket keeps reading so that aiohttp answers the server's
+    heartbeat pings (an unread socket would be closed after limits.heartbeat * 1.5).
+    """
 
-    async def start(self, *, timeout: float = 60.0) -> str:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-            warnings.simplefilter("ignore")
-            import pgserver  # heavy import: only when a bench needs it
+    def __init__(self, url: str, *, concurrency: int = 50, timeout: float = 30.0) -> None:
+        self.url = url
+        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
+        self.errors: list[str] = []
+        self._drains: list[asyncio.Task] = []
+        self._sem = asyncio.Semaphore(concurrency)
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
 
-        def _start() -> Any:
-            return pgserver.get_server(self.pgdata, cleanup_mode="delete")
+    async def __aenter__(self) -> "IdleClients":
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self
 
-        self._server = await asyncio.wait_for(asyncio.to_thread(_start), timeout)
-        self.uri = self._server.get_uri()
-        return self.uri
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
 
-    async def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            # pg_ctl stop -w; pgserver also registered this with atexit as a backstop.
-            await asyncio.to_thread(server.cleanup)
+    async def open(self, topics: list[str]) -> None:
+        await asyncio.gather(*(self._open_one(topic) for topic in topics))
 
-    async def execute(self, sql: str, *args: Any) -> None:
-        conn = await asyncpg.connect(self.uri, timeout=10)
-        try:
-            await conn.execute(sql, *args)
-        finally:
-            await conn.close()
-
-
-# -- config --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BenchFeed:
-    name: str
-    sql: str
-    key: tuple[str, ...] = ("id",)
-    param: str = "int"
-    interval: float = 0.1
-    statement_timeout: float = 5.0
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(
-    path: Path,
-    *,
-    feeds: Sequence[BenchFeed],
-    sections: Mapping[str, Mapping[str, Any]] | None = None,
-) -> Path:
-    """Write a subsys.toml. The database URL and secrets go in the environment, not here."""
-    lines: list[str] = ["# written by subsys bench"]
-    for section, values in (sections or {}).items():
-        lines.append(f"\n[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-    for feed in feeds:
-        lines.append(f"\n[feeds.{feed.name}]")
-        lines.append(f"sql = {_toml_value(feed.sql)}")
-        lines.append(f"key = {_toml_value(list(feed.key))}")
-        lines.append(f"param = {_toml_value(feed.param)}")
-        lines.append(f"interval = {_toml_value(float(feed.interval))}")
-        lines.append(f"statement_timeout = {_toml_value(float(feed.statement_timeout))}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-# -- node processes ------------------------------------------------------------
-
-
-@dataclass
-class NodeProcess:
-    """One ``subsys serve`` subprocess (``python -m cli.main serve``)."""
-
-    node_id: str
-    port: int
-    log_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    _log_file: Any = field(default=None, repr=False)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{LOOPBACK}:{self.port}/ws"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def start(self, *, config: Path, env: Mapping[str, str], cwd: Path) -> None:
-        self._log_file = open(self.log_path, "ab")
-        argv = [
-            sys.executable, "-m", "cli.main", "serve",
-            "--config", str(config),
-            "--host", LOOPBACK,
-            "--port", str(self.port),
-            "--node-id", self.node_id,
-        ]
-        self.proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=asyncio.subprocess.STDOUT,
-            env=dict(env),
-            cwd=str(cwd),
-        )
-
-    async def health(self, session: aiohttp.ClientSession, *, timeout: float = 2.0) -> tuple[int, dict]:
-        async with session.get(f"{self.http_url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            body = await resp.json(content_type=None)
-            return resp.status, body
-
-    async def wait_healthy(self, *, timeout: float = 30.0) -> dict:
-        """Poll /health until it answers 200; fail early (with the log tail) if the process exits."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                if not self.running:
-                    raise BenchError(
-                        f"node {self.node_id} exited with code {self.proc.returncode if self.proc else '?'}"
-                        f" before it was healthy:\n{self.log_tail()}"
+    async def _open_one(self, topic: str) -> None:
+        assert self._session is not None
+        async with self._sem:
+            ws: aiohttp.ClientWebSocketResponse | None = None
+            try:
+                async with asyncio.timeout(self._timeout):
+                    ws = await self._session.ws_connect(
+                        self.url, autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=5)
                     )
-                try:
-                    status, body = await self.health(session)
-                    if status == 200:
-                        return body
-                    last = f"HTTP {status}: {body}"
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                await asyncio.sleep(0.1)
-        raise BenchError(f"node {self.node_id} not healthy after {timeout:.0f}s ({last}):\n{self.log_tail()}")
+                    hello = await ws.receive_json()
+                    if hello.get("type") != "hello":
+                        raise BenchError(f"expected hello, got {hello}")
+                    await ws.send_json({"type": "subscribe", "topic": topic})
+                    while True:
+                        frame = await ws.receive_json()
+                        if frame.get("type") == "error":
+                            raise BenchError(f"subscribe {topic}: {frame}")
+                        if frame.get("type") == "snapshot" and frame.get("topic") == topic:
+                            break
+            except Exception as exc:  # counted and reported, the bench goes on
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                if ws is not None:
+                    with contextlib.suppress(Exception):
+                        await ws.close()
+                return
+        self.sockets.append(ws)
+        self._drains.append(asyncio.create_task(self._drain(ws)))
 
-    def rss(self) -> int:
-        import psutil
+    @staticmethod
+    async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for _msg in ws:
+            pass
 
-        return psutil.Process(self.pid).memory_info().rss
-
-    def kill(self) -> None:
-        """SIGKILL (for failover benches)."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-
-    async def stop(self, *, timeout: float = 15.0) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit code."""
-        proc = self.proc
-        try:
-            if proc is None:
-                return None
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), timeout)
-                except asyncio.TimeoutError:
-                    log.warning("node %s ignored SIGTERM for %.0fs: killing it", self.node_id, timeout)
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
-                    await asyncio.wait_for(proc.wait(), 5.0)
-            return proc.returncode
-        finally:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+    async def close(self) -> None:
+        for task in self._drains:
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+        self._drains.clear()
+        sockets, self.sockets = self.sockets, []
+        for start in range(0, len(sockets), 200):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(ws.close() for ws in sockets[start : start + 200]), return_exceptions=True),
+                    10,
+                )
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 class BenchEnv:
-    """A temp dir, an embedded PostgreSQL, and the node processes of one bench run."""
+    """A temp dir, an embedded PostgreSQL, maybe a Consul agent, and the node processes of one bench run."""
 
     def __init__(self, *, prefix: str = "subsys-bench-") -> None:
         self._prefix = prefix
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.dir = Path()
         self.pg: EmbeddedPostgres | None = None
+        self.consul: ConsulAgent | None = None
         self.nodes: list[NodeProcess] = []
-        self.exit_codes: dict[str, int | None] = {}  # node id -> exit code, filled by close()
+        self.exit_codes: dict[str, int | None] = {}  # node name -> exit code, filled by close()
 
     async def __aenter__(self) -> "BenchEnv":
         self._tmp = tempfile.TemporaryDirectory(prefix=self._prefix, ignore_cleanup_errors=True)
@@ -322,7 +182,7 @@ class BenchEnv:
     def database_url(self) -> str:
         if self.pg is None:
             raise BenchError("PostgreSQL not started")
-        return self.pg.uri
+        return self.pg.url()
 
     async def start_postgres(self, *setup_sql: str) -> str:
         self.pg = EmbeddedPostgres(self.dir / "pg")
@@ -331,58 +191,66 @@ class BenchEnv:
             await self.pg.execute(sql)
         return uri
 
-    def write_config(
-        self,
-        feeds: Sequence[BenchFeed],
-        *,
-        sections: Mapping[str, Mapping[str, Any]] | None = None,
-        name: str = "subsys.toml",
-    ) -> Path:
-        return write_config(self.dir / name, feeds=feeds, sections=sections)
+    def write_config(self, config: Mapping[str, Any], *, name: str = "subsys.toml") -> Path:
+        """A subsys.toml in the run directory. The database URL and secrets go in the environment."""
+        return write_toml(self.dir / name, config, header="written by subsys bench")
+
+    async def start_consul(self) -> ConsulAgent:
+        """A loopback Consul server (consul/install.sh's binary), ready for KV writes."""
+        self.consul = ConsulAgent(self.dir / "consul", node_name="subsys-bench")
+        await self.consul.start()
+        await self.consul.wait_ready()
+        return self.consul
 
     async def start_node(
         self,
         config: Path,
         *,
-        node_id: str | None = None,
+        name: str | None = None,
         port: int | None = None,
         env: Mapping[str, str] | None = None,
         wait: bool = True,
-        timeout: float = 30.0,
+        timeout: float = 60.0,
     ) -> NodeProcess:
-        """Start ``subsys serve`` on a free loopback port with DATABASE_URL set; wait for /health 200."""
-        node_id = node_id or f"bench-{len(self.nodes) + 1}"
-        node = NodeProcess(node_id=node_id, port=port or free_port(), log_path=self.dir / f"{node_id}.log")
-        child_env = {
-            key: value
-            for key, value in os.environ.items()
-            # the bench decides the node's setup: no stray overrides from the caller's shell
-            if not key.startswith("SUBSYS_") and key not in ("DATABASE_URL", "CONSUL_HTTP_ADDR")
-        }
-        child_env["DATABASE_URL"] = self.database_url
-        child_env["PYTHONUNBUFFERED"] = "1"
-        child_env.update(env or {})
+        """``subsys serve`` on a free loopback port with DATABASE_URL set; waits for /health 200.
+
+        The bench decides the node's setup: no ``SUBSYS_*`` setting is inherited from the caller's shell.
+        """
+        node = NodeProcess(
+            name or f"bench-{len(self.nodes) + 1}",
+            config=config,
+            env={"DATABASE_URL": self.database_url, **(env or {})},
+            port=port,
+            workdir=self.dir,
+            isolate=True,
+        )
         self.nodes.append(node)
-        await node.start(config=config, env=child_env, cwd=Path(__file__).resolve().parent.parent)
+        await node.start()
         if wait:
-            await node.wait_healthy(timeout=timeout)
+            await node.wait_ready(timeout=timeout)
         return node
 
     async def close(self) -> None:
+        """Stop the nodes, then Consul, then PostgreSQL; each step runs even if one before failed."""
         try:
             results = await asyncio.gather(*(node.stop() for node in self.nodes), return_exceptions=True)
             for node, result in zip(self.nodes, results):
                 if isinstance(result, BaseException):
-                    log.warning("stopping node %s failed: %r", node.node_id, result)
+                    log.warning("stopping node %s failed: %r", node.name, result)
                     result = None
-                self.exit_codes[node.node_id] = result
+                self.exit_codes[node.name] = result
             self.nodes.clear()
         finally:
             try:
-                if self.pg is not None:
-                    await self.pg.stop()
+                if self.consul is not None:
+                    await self.consul.stop()
             finally:
-                self.pg = None
-                if self._tmp is not None:
-                    self._tmp.cleanup()
-                    self._tmp = None
+                self.consul = None
+                try:
+                    if self.pg is not None:
+                        await self.pg.stop()
+                finally:
+                    self.pg = None
+                    if self._tmp is not None:
+                        self._tmp.cleanup()
+                        self._tmp = None

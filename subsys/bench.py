@@ -11,34 +11,33 @@ clients), measures, stops everything, and returns a flat dict of figures
   the feed query's time plus a few milliseconds of WebSocket delivery.
 * ``memory``: the node's RSS with ``clients`` idle subscribed WebSocket
   clients, against its RSS with none.
-* ``failover`` and ``consul-writes`` need the Consul cluster (issue 3).
+* ``failover``: time from SIGKILL of a topic's owner to the first resync
+  at a client on another node (three nodes on a loopback Consul server).
+* ``consul-writes``: the Consul writes one node makes per minute at steady
+  state with ``topics`` subscribed topics.
 
-The building blocks (``BenchEnv``: PostgreSQL, config, node processes,
-health waits, cleanup) live in ``subsys._bench_support``.
+The cluster benches live in ``subsys._bench_cluster``; the building blocks
+(``BenchEnv``: PostgreSQL, Consul, config, node processes, cleanup) in
+``subsys._bench_support``, on top of ``subsys.localcluster``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import random
 import sys
 import time
 from typing import Any, Awaitable, Callable
 
-import aiohttp
 import asyncpg
 
-from ._bench_support import (
-    BenchEnv,
-    BenchError,
-    BenchFeed,
-    NodeProcess,
-    raise_fd_limit,
-    summarize_ms,
-)
+from ._bench_cluster import bench_consul_writes, bench_failover
+from ._bench_support import BenchEnv, BenchError, IdleClients, progress, raise_fd_limit, summarize_ms
 from .client import connect
+from .localcluster import NodeProcess, ProcessError
 
 __all__ = ["run_bench", "BENCHES"]
 
@@ -55,27 +54,22 @@ def _schema_sql(rows: int) -> list[str]:
     ]
 
 
-def _items_feed(interval: float) -> BenchFeed:
-    return BenchFeed(
-        name=FEED,
-        sql=f"SELECT id, v, note, changed FROM {TABLE} WHERE id = $1",
-        key=("id",),
-        param="int",
-        interval=interval,
-    )
-
-
-def _progress(message: str) -> None:
-    if sys.stderr.isatty():
-        print(f"bench: {message}", file=sys.stderr, flush=True)
+def _items_feed(interval: float) -> dict[str, Any]:
+    return {
+        "sql": f"SELECT id, v, note, changed FROM {TABLE} WHERE id = $1",
+        "key": ["id"],
+        "param": "int",
+        "interval": float(interval),
+        "statement_timeout": 5.0,
+    }
 
 
 # -- latency -------------------------------------------------------------------
 
 
-async def _time_feed_query(database_url: str, feed: BenchFeed, param: Any, *, runs: int = 50) -> float:
+async def _time_feed_query(database_url: str, feed: dict[str, Any], param: Any, *, runs: int = 50) -> float:
     """Median wall time (ms) of the feed query as the poller sends it (wrapped in LIMIT)."""
-    sql = f"SELECT * FROM ({feed.sql}) AS subsys_feed LIMIT 10001"
+    sql = f"SELECT * FROM ({feed['sql']}) AS subsys_feed LIMIT 10001"
     conn = await asyncpg.connect(database_url, timeout=10)
     try:
         await conn.fetch(sql, param)  # warm the plan cache
@@ -174,10 +168,10 @@ async def bench_latency(*, changes: int = 200, interval: float = 0.1, **_: Any) 
     row_id, topic = 1, f"{FEED}:1"
     started = time.monotonic()
     async with BenchEnv() as env:
-        _progress("starting PostgreSQL")
+        progress("starting PostgreSQL")
         await env.start_postgres(*_schema_sql(rows=10))
-        config = env.write_config([feed], sections={"node": {"grace_period": 2.0, "log_level": "INFO"}})
-        _progress("starting the node")
+        config = env.write_config({"node": {"grace_period": 2.0, "log_level": "INFO"}, "feeds": {FEED: feed}})
+        progress("starting the node")
         node = await env.start_node(config)
         query_ms = await _time_feed_query(env.database_url, feed, row_id)
 
@@ -192,7 +186,7 @@ async def bench_latency(*, changes: int = 200, interval: float = 0.1, **_: Any) 
             writer_conn = await asyncpg.connect(env.database_url, timeout=10)
             rng = random.Random()
             commits: list[tuple[int, float]] = []
-            _progress(f"making {changes} changes, one every ~{interval:g}s")
+            progress(f"making {changes} changes, one every ~{interval:g}s")
             for _ in range(changes):
                 if reader.done():
                     break
@@ -233,7 +227,7 @@ async def bench_latency(*, changes: int = 200, interval: float = 0.1, **_: Any) 
         "note": "a change waits on average interval/2 for the next poll, so the expected median is about"
         " interval/2 + the feed query's time (+ a few ms of WebSocket delivery); 'coalesced' changes"
         " arrived in the same diff as a later change and are timed to that diff",
-        "node_exit_code": env.exit_codes.get(node.node_id),
+        "node_exit_code": env.exit_codes.get(node.name),
         "duration_s": round(time.monotonic() - started, 1),
     }
 
@@ -259,82 +253,6 @@ async def _first(task: asyncio.Task, awaitable: Awaitable[Any], *, timeout: floa
 # -- memory --------------------------------------------------------------------
 
 
-class _IdleClients:
-    """Raw aiohttp WebSocket clients, each subscribed to one topic, then left idle.
-
-    A drain task per socket keeps reading so that aiohttp answers the server's
-    heartbeat pings (an unread socket would be closed after limits.heartbeat * 1.5).
-    """
-
-    def __init__(self, url: str, *, concurrency: int = 50, timeout: float = 30.0) -> None:
-        self.url = url
-        self.sockets: list[aiohttp.ClientWebSocketResponse] = []
-        self.errors: list[str] = []
-        self._drains: list[asyncio.Task] = []
-        self._sem = asyncio.Semaphore(concurrency)
-        self._timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> "_IdleClients":
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.close()
-
-    async def open(self, topics: list[str]) -> None:
-        await asyncio.gather(*(self._open_one(topic) for topic in topics))
-
-    async def _open_one(self, topic: str) -> None:
-        assert self._session is not None
-        async with self._sem:
-            ws: aiohttp.ClientWebSocketResponse | None = None
-            try:
-                async with asyncio.timeout(self._timeout):
-                    ws = await self._session.ws_connect(
-                        self.url, autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=5)
-                    )
-                    hello = await ws.receive_json()
-                    if hello.get("type") != "hello":
-                        raise BenchError(f"expected hello, got {hello}")
-                    await ws.send_json({"type": "subscribe", "topic": topic})
-                    while True:
-                        frame = await ws.receive_json()
-                        if frame.get("type") == "error":
-                            raise BenchError(f"subscribe {topic}: {frame}")
-                        if frame.get("type") == "snapshot" and frame.get("topic") == topic:
-                            break
-            except Exception as exc:  # counted and reported, the bench goes on
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-                if ws is not None:
-                    with contextlib.suppress(Exception):
-                        await ws.close()
-                return
-        self.sockets.append(ws)
-        self._drains.append(asyncio.create_task(self._drain(ws)))
-
-    @staticmethod
-    async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
-        async for _msg in ws:
-            pass
-
-    async def close(self) -> None:
-        for task in self._drains:
-            task.cancel()
-        await asyncio.gather(*self._drains, return_exceptions=True)
-        self._drains.clear()
-        sockets, self.sockets = self.sockets, []
-        for start in range(0, len(sockets), 200):
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.gather(*(ws.close() for ws in sockets[start : start + 200]), return_exceptions=True),
-                    10,
-                )
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
 async def _settled_rss(node: NodeProcess, *, seconds: float = 1.5, samples: int = 4) -> int:
     """The node's RSS after letting it settle: the last of a few samples."""
     rss = node.rss()
@@ -342,12 +260,6 @@ async def _settled_rss(node: NodeProcess, *, seconds: float = 1.5, samples: int 
         await asyncio.sleep(seconds / samples)
         rss = node.rss()
     return rss
-
-
-async def _node_health(node: NodeProcess) -> dict:
-    async with aiohttp.ClientSession() as session:
-        _status, body = await node.health(session, timeout=5)
-        return body
 
 
 async def bench_memory(*, clients: int = 1000, interval: float = 0.1, spread: int = 10, **_: Any) -> dict[str, Any]:
@@ -359,22 +271,22 @@ async def bench_memory(*, clients: int = 1000, interval: float = 0.1, spread: in
     mib = 1024 * 1024
     started = time.monotonic()
     async with BenchEnv() as env:
-        _progress("starting PostgreSQL")
+        progress("starting PostgreSQL")
         await env.start_postgres(*_schema_sql(rows=spread))
-        config = env.write_config([feed], sections={"node": {"grace_period": 5.0}})
-        _progress("starting the node")
+        config = env.write_config({"node": {"grace_period": 5.0}, "feeds": {FEED: feed}})
+        progress("starting the node")
         node = await env.start_node(config)
         rss_baseline = await _settled_rss(node)
-        async with _IdleClients(node.ws_url) as pool:
+        async with IdleClients(node.ws_url) as pool:
             # warm: one client per topic, so every poller runs before the bulk is measured
             await pool.open(topics[:spread])
             rss_warm = await _settled_rss(node)
             warm = len(pool.sockets)
-            _progress(f"opening {clients - spread} more clients")
+            progress(f"opening {clients - spread} more clients")
             await pool.open(topics[spread:])
             rss_full = await _settled_rss(node, seconds=3.0, samples=6)
             connected = len(pool.sockets)
-            health = await _node_health(node)
+            _status, health = await node.health()
             errors = list(pool.errors)
         if connected == 0:
             raise BenchError(f"no client could subscribe: {errors[:3]}\n{node.log_tail()}")
@@ -400,23 +312,9 @@ async def bench_memory(*, clients: int = 1000, interval: float = 0.1, spread: in
         "per_client_kib_vs_baseline": round((rss_full - rss_baseline) / connected / 1024, 1),
         "fd_limit": fd_limit,
         "interval_ms": round(interval * 1000, 1),
-        "node_exit_code": env.exit_codes.get(node.node_id),
+        "node_exit_code": env.exit_codes.get(node.name),
         "duration_s": round(time.monotonic() - started, 1),
     }
-
-
-# -- cluster benches (issue 3) -------------------------------------------------
-
-
-async def bench_failover(*, kills: int = 20, interval: float = 0.1, **_: Any) -> dict[str, Any]:
-    # To do (issue 3): a Consul agent, three nodes via BenchEnv.start_node(env={"CONSUL_HTTP_ADDR": ...}),
-    # clients of one topic on the non-owners, NodeProcess.kill() of the owner, time to the first resync.
-    return {"bench": "failover", "error": "needs the Consul cluster; see issue 3"}
-
-
-async def bench_consul_writes(*, topics: int = 100, interval: float = 0.1, **_: Any) -> dict[str, Any]:
-    # To do (issue 3): one node on a Consul agent, `topics` subscribed topics, count KV/agent writes per minute.
-    return {"bench": "consul-writes", "error": "needs the Consul cluster; see issue 3"}
 
 
 BENCHES: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
@@ -427,6 +325,18 @@ BENCHES: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
 }
 
 
+def _accepted(func: Callable[..., Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``params`` that ``func`` takes (all of them if it has ``**kwargs``).
+
+    So a bench can be declared with just the options it uses, e.g.
+    ``async def bench_failover(*, kills, interval)``.
+    """
+    signature = inspect.signature(func)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return params
+    return {name: value for name, value in params.items() if name in signature.parameters}
+
+
 async def run_bench(
     what: str,
     *,
@@ -435,6 +345,7 @@ async def run_bench(
     kills: int = 20,
     topics: int = 100,
     interval: float = 0.1,
+    check_ttl: float = 3.0,
 ) -> dict[str, Any]:
     """Run one bench and return its figures; setup failures come back as ``{"error": ...}``."""
     bench = BENCHES.get(what)
@@ -442,9 +353,19 @@ async def run_bench(
         return {"bench": what, "error": f"unknown bench {what!r}; choose one of {', '.join(BENCHES)}"}
     if not 0.01 <= interval <= 3600:
         return {"bench": what, "error": "interval must be between 0.01 and 3600 seconds"}
+    if not 2 <= check_ttl <= 3600:
+        return {"bench": what, "error": "check_ttl must be between 2 and 3600 seconds (consul.check_ttl)"}
+    params = {
+        "changes": changes,
+        "clients": clients,
+        "kills": kills,
+        "topics": topics,
+        "interval": interval,
+        "check_ttl": check_ttl,
+    }
     try:
-        return await bench(changes=changes, clients=clients, kills=kills, topics=topics, interval=interval)
-    except BenchError as exc:
+        return await bench(**_accepted(bench, params))
+    except (BenchError, ProcessError) as exc:
         return {"bench": what, "error": str(exc)}
 
 

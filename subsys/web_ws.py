@@ -60,6 +60,8 @@ class ClientConnection:
             current=self._current,
             limit=limits.send_queue,
             send_timeout=limits.send_timeout,
+            # Every frame within the rate limit gets its reply, even a full burst sent at once.
+            control_limit=max(64, 2 * limits.message_burst),
         )
 
     def _current(self, topic: str) -> tuple[Publication | None, Publication | None]:
@@ -72,15 +74,25 @@ class ClientConnection:
     def _error(self, code: str, message: str, *, topic: str | None = None, ref: Any = None) -> None:
         self.outbox.control(error_frame(code, message, topic=topic, ref=ref))
 
+    def _admit(self) -> bool:
+        """The rate limit, applied to every client frame (text, binary, oversized)."""
+        if self._bucket.take():
+            return True
+        now = time.monotonic()
+        if now - self._rate_limited_told >= 1.0:
+            self._rate_limited_told = now
+            self._error("rate_limited", f"more than {self.limits.messages_per_second:g} frames/s; frame dropped")
+        return False
+
+    def handle_binary(self) -> None:
+        if self._admit():
+            self._error("unsupported_frame", "binary frames are not part of protocol v1")
+
     async def handle_text(self, text: str) -> None:
+        if not self._admit():
+            return
         if len(text.encode("utf-8")) > self.limits.max_frame_bytes:
             self._error("frame_too_large", f"frame exceeds {self.limits.max_frame_bytes} bytes")
-            return
-        if not self._bucket.take():
-            now = time.monotonic()
-            if now - self._rate_limited_told >= 1.0:
-                self._rate_limited_told = now
-                self._error("rate_limited", f"more than {self.limits.messages_per_second:g} frames/s; frame dropped")
             return
         try:
             frame = parse_client_frame(text)
@@ -97,7 +109,8 @@ class ClientConnection:
             self._unsubscribe(frame.topic, frame.ref)
 
     def _subscribe(self, topic: str, ref: Any) -> None:
-        if self.node.draining and not self.node.coordinator.ready:
+        if self.node.draining and (self.node.follower is None or not self.node.coordinator.ready):
+            # Alone (embedded) a draining node serves nothing new; in a cluster it follows the new owner.
             self._error("shutting_down", "node is going away", topic=topic, ref=ref)
             return
         try:
@@ -180,7 +193,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             if msg.type == WSMsgType.TEXT:
                 await conn.handle_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
-                conn._error("unsupported_frame", "binary frames are not part of protocol v1")
+                conn.handle_binary()
             elif msg.type == WSMsgType.ERROR:
                 log.info("client %s socket error: %s", conn.peer, ws.exception())
                 break
@@ -198,9 +211,15 @@ def _writer_done(task: asyncio.Task, ws: web.WebSocketResponse) -> None:
     if task.cancelled():
         return
     exc = task.exception()
-    if isinstance(exc, SendFailed) and not ws.closed:
-        log.warning("closing slow or broken client socket: %s", exc)
-        asyncio.ensure_future(ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"))
+    if isinstance(exc, SendFailed):
+        # A send on a socket that is already closing (the client left, normally or not)
+        # is how a connection ends: nothing to report. aiohttp raises ConnectionResetError
+        # once the transport is closing, even before ws.closed is set.
+        if ws.closed or isinstance(exc.__cause__, ConnectionResetError):
+            log.debug("client socket closing; its writer stopped: %s", exc)
+        else:
+            log.warning("closing slow or broken client socket: %s", exc)
+            asyncio.ensure_future(ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"))
     elif exc is not None:
         log.error("client writer crashed", exc_info=exc)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 import uuid
@@ -19,9 +18,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from _cluster import ConsulAgent, NodeProcess, consul_binary
-from _support import Subscription, eventually, to_toml
+from _support import eventually
 from subsys.client import connect
+from subsys.localcluster import ConsulAgent, NodeProcess, ProcessError, consul_binary, write_toml
 
 pytestmark = pytest.mark.consul
 
@@ -46,16 +45,16 @@ insert into items values (1, 1, 0), (2, 1, 0), (3, 2, 0);
 @pytest.fixture(scope="module")
 async def consul_agent(tmp_path_factory) -> AsyncIterator[ConsulAgent]:
     try:
-        consul_binary()
-    except RuntimeError as exc:
+        await consul_binary()
+    except ProcessError as exc:
         pytest.fail(f"cannot provide a Consul agent: {exc}")
-    agent = ConsulAgent(tmp_path_factory.mktemp("consul"))
-    agent.start()
+    agent = ConsulAgent(tmp_path_factory.mktemp("consul"), node_name="subsys-test")
+    await agent.start()
     try:
         await agent.wait_ready()
         yield agent
     finally:
-        agent.stop()
+        await agent.stop()
 
 
 class Cluster:
@@ -63,22 +62,21 @@ class Cluster:
         self.agent, self.db_url, self.workdir = agent, db_url, workdir
         self.prefix = f"t{uuid.uuid4().hex[:8]}/"
         self.nodes: list[NodeProcess] = []
-        self.config = workdir / "subsys.toml"
-        self.config.write_text(
-            to_toml(
-                {
-                    "node": {"grace_period": GRACE},
-                    "consul": {"check_ttl": CHECK_TTL, "lock_delay": 0.5},
-                    "feeds": {
-                        "items": {
-                            "sql": "select * from poll_items($1)",
-                            "key": ["id"],
-                            "param": "int",
-                            "interval": INTERVAL,
-                        }
-                    },
-                }
-            )
+        self.watchers: list[Watcher] = []
+        self.config = write_toml(
+            workdir / "subsys.toml",
+            {
+                "node": {"grace_period": GRACE},
+                "consul": {"check_ttl": CHECK_TTL, "lock_delay": 0.5},
+                "feeds": {
+                    "items": {
+                        "sql": "select * from poll_items($1)",
+                        "key": ["id"],
+                        "param": "int",
+                        "interval": INTERVAL,
+                    }
+                },
+            },
         )
 
     def env(self) -> dict[str, str]:
@@ -92,17 +90,29 @@ class Cluster:
 
     async def start(self, count: int) -> list[NodeProcess]:
         new = [
-            NodeProcess(name=f"n{len(self.nodes) + i + 1}", config=self.config, env=self.env(), workdir=self.workdir)
+            NodeProcess(f"n{len(self.nodes) + i + 1}", config=self.config, env=self.env(), workdir=self.workdir)
             for i in range(count)
         ]
-        for node in new:
-            node.start()
         self.nodes.extend(new)
+        for node in new:
+            await node.start()
         await asyncio.gather(*(node.wait_ready() for node in new))
         return new
 
     def by_name(self, name: str) -> NodeProcess:
         return next(node for node in self.nodes if node.name == name)
+
+    async def watch(self, nodes: list[NodeProcess], topics: tuple[str, ...] = ("items:1",), per_node: int = 1):
+        """Clients on ``nodes`` (``per_node`` per node and topic), each past its first data frame."""
+        new = [Watcher(node, topic) for node in nodes for topic in topics for _ in range(per_node)]
+        self.watchers.extend(new)
+        await asyncio.gather(*(w.ready() for w in new))
+        return new
+
+    async def owner(self, topic: str = "items:1") -> tuple[NodeProcess, int]:
+        """The owner node of ``topic`` (waiting for one) and its epoch."""
+        name = await eventually(lambda: _owner_of(self, topic), timeout=30, message=f"an owner for {topic}")
+        return self.by_name(name), (await self.owners())[topic]["epoch"]
 
     async def owners(self) -> dict[str, dict[str, Any]]:
         entries = await self.agent.kv(f"{self.prefix}owners/")
@@ -122,7 +132,7 @@ class Cluster:
         """Running pollers per live node, from each node's /health and /metrics."""
         result = {}
         for node in self.nodes:
-            if node.alive():
+            if node.running:
                 try:
                     _status, body = await node.health()
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
@@ -147,9 +157,9 @@ class Cluster:
         finally:
             await conn.close()
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+    async def stop(self) -> None:
+        await asyncio.gather(*(watcher.stop() for watcher in self.watchers))
+        await asyncio.gather(*(node.stop() for node in self.nodes))
 
     def logs(self) -> str:
         return "\n".join(f"===== {node.name}\n{node.logs()[-4000:]}" for node in self.nodes)
@@ -167,7 +177,7 @@ async def cluster(consul_agent, make_database, tmp_path, request) -> AsyncIterat
     try:
         yield cluster
     finally:
-        cluster.stop()
+        await cluster.stop()
         if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
             print(cluster.logs())
 
@@ -221,11 +231,6 @@ class Watcher:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def _owner_name(cluster: Cluster, topic: str = "items:1") -> str:
-    owners = await eventually(lambda: _owner_of(cluster, topic), timeout=30, message=f"an owner for {topic}")
-    return owners
-
-
 async def _owner_of(cluster: Cluster, topic: str) -> str | None:
     owner = (await cluster.owners()).get(topic)
     return owner["node"] if owner else None
@@ -233,8 +238,7 @@ async def _owner_of(cluster: Cluster, topic: str) -> str | None:
 
 async def test_one_owner_one_poller_every_client_gets_every_diff(cluster: Cluster) -> None:
     nodes = await cluster.start(3)
-    watchers = [Watcher(node) for node in nodes for _ in range(2)]
-    await asyncio.gather(*(w.ready() for w in watchers))
+    watchers = await cluster.watch(nodes, per_node=2)
     owners = await cluster.owners()
     assert list(owners) == ["items:1"], owners
 
@@ -253,21 +257,17 @@ async def test_one_owner_one_poller_every_client_gets_every_diff(cluster: Cluste
                 values.append(row["v"])
         assert values == [1, 2, 3, 4, 5], (watcher.node.name, values)
         assert not watcher.epoch_regressions
-    for watcher in watchers:
-        await watcher.stop()
 
 
 async def test_sigkill_owner_fails_over_with_resync(cluster: Cluster) -> None:
     nodes = await cluster.start(3)
-    watchers = [Watcher(node) for node in nodes]
-    await asyncio.gather(*(w.ready() for w in watchers))
-    owner_name = await _owner_name(cluster)
-    old_epoch = (await cluster.owners())["items:1"]["epoch"]
-    owner = cluster.by_name(owner_name)
+    watchers = await cluster.watch(nodes)
+    owner, old_epoch = await cluster.owner()
+    owner_name = owner.name
     survivors = [w for w in watchers if w.node is not owner]
 
-    owner.signal(signal.SIGKILL)
-    owner.wait_exit()
+    owner.kill()
+    await owner.wait(timeout=30)
     new_owner = await eventually(
         lambda: _new_owner(cluster, old_epoch), timeout=30, message="a survivor acquires the topic"
     )
@@ -285,8 +285,6 @@ async def test_sigkill_owner_fails_over_with_resync(cluster: Cluster) -> None:
         after = [f for f in watcher.data() if f["type"] != "resync"]
         resync_at = next(i for i, f in enumerate(watcher.data()) if f["type"] == "resync")
         assert all(f["epoch"] >= new_owner["epoch"] for f in watcher.data()[resync_at:]), after
-    for watcher in watchers:
-        await watcher.stop()
 
 
 async def _new_owner(cluster: Cluster, old_epoch: int) -> dict[str, Any] | None:
@@ -296,11 +294,9 @@ async def _new_owner(cluster: Cluster, old_epoch: int) -> dict[str, Any] | None:
 
 async def test_sigstop_owner_is_fenced_after_takeover(cluster: Cluster) -> None:
     nodes = await cluster.start(3)
-    watchers = [Watcher(node) for node in nodes]
-    await asyncio.gather(*(w.ready() for w in watchers))
-    owner_name = await _owner_name(cluster)
-    old_epoch = (await cluster.owners())["items:1"]["epoch"]
-    owner = cluster.by_name(owner_name)
+    watchers = await cluster.watch(nodes)
+    owner, old_epoch = await cluster.owner()
+    owner_name = owner.name
     others = [w for w in watchers if w.node is not owner]
 
     owner.signal(signal.SIGSTOP)
@@ -328,8 +324,6 @@ async def test_sigstop_owner_is_fenced_after_takeover(cluster: Cluster) -> None:
     await asyncio.sleep(INTERVAL * 5)
     polls = await cluster.pollers_since(since)
     assert f"subsys:{owner_name}" not in polls, polls
-    for watcher in watchers:
-        await watcher.stop()
 
 
 async def _pollers_of(cluster: Cluster, name: str, *, expected: int) -> bool:
@@ -338,17 +332,14 @@ async def _pollers_of(cluster: Cluster, name: str, *, expected: int) -> bool:
 
 async def test_sigterm_hands_topics_over_without_a_gap(cluster: Cluster) -> None:
     nodes = await cluster.start(2)
-    watchers = [Watcher(node) for node in nodes]
-    await asyncio.gather(*(w.ready() for w in watchers))
-    owner_name = await _owner_name(cluster)
-    old_epoch = (await cluster.owners())["items:1"]["epoch"]
-    owner = cluster.by_name(owner_name)
+    watchers = await cluster.watch(nodes)
+    owner, old_epoch = await cluster.owner()
     survivor = next(w for w in watchers if w.node is not owner)
 
     since = time.time()
     await asyncio.sleep(INTERVAL * 3)
     owner.signal(signal.SIGTERM)
-    assert owner.wait_exit() == 0, owner.logs()[-3000:]
+    assert await owner.wait(timeout=30) == 0, owner.logs()[-3000:]
     await eventually(lambda: _new_owner(cluster, old_epoch), timeout=30)
     await eventually(lambda: any(f["type"] == "resync" for f in survivor.data()), timeout=30)
     await asyncio.sleep(INTERVAL * 3)
@@ -365,14 +356,11 @@ async def test_sigterm_hands_topics_over_without_a_gap(cluster: Cluster) -> None
     # (plus the slack of a busy 2-core machine).
     assert max(gaps) < INTERVAL * 2 + 1.0, max(gaps)
     assert "Traceback" not in owner.logs()
-    for watcher in watchers:
-        await watcher.stop()
 
 
 async def test_keys_disappear_when_everyone_leaves(cluster: Cluster) -> None:
     nodes = await cluster.start(2)
-    watchers = [Watcher(node) for node in nodes]
-    await asyncio.gather(*(w.ready() for w in watchers))
+    watchers = await cluster.watch(nodes)
     assert await cluster.keys("owners") and await cluster.keys("presence")
     for watcher in watchers:
         await watcher.stop()
@@ -388,12 +376,13 @@ async def _no_keys(cluster: Cluster) -> bool:
 async def test_consul_restart_converges(cluster: Cluster, consul_agent: ConsulAgent) -> None:
     nodes = await cluster.start(3)
     topics = ["items:1", "items:2"]
-    watchers = [Watcher(node, topic) for node in nodes for topic in topics]
-    await asyncio.gather(*(w.ready() for w in watchers))
+    watchers = await cluster.watch(nodes, tuple(topics))
 
-    consul_agent.stop()
-    await asyncio.sleep(CHECK_TTL + 1)
-    consul_agent.start()
+    await consul_agent.stop()
+    # Without Consul a node cannot prove its ownership for long: it fences itself
+    # (stops its pollers) and says so in /health, while staying alive.
+    await eventually(lambda: _all_fenced(cluster), timeout=30, message="nodes fence themselves and report it")
+    await consul_agent.start()
     await consul_agent.wait_ready()
     for node in nodes:
         await node.wait_ready(timeout=60)
@@ -403,8 +392,14 @@ async def test_consul_restart_converges(cluster: Cluster, consul_agent: ConsulAg
         row = 1 if watcher.topic == "items:1" else 3
         await eventually(lambda w=watcher, r=row: w.value_of(r) == 99, timeout=30)
         assert not watcher.epoch_regressions
-    for watcher in watchers:
-        await watcher.stop()
+
+
+async def _all_fenced(cluster: Cluster) -> bool:
+    for node in cluster.nodes:
+        status, body = await node.health()
+        if status != 503 or body["coordinator"]["state"] != "unreachable" or body["pollers"] != 0:
+            return False
+    return True
 
 
 async def _converged(cluster: Cluster, topics: list[str]) -> bool:
