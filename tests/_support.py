@@ -112,6 +112,24 @@ async def db_fetchval(url: str, sql: str, *args: Any) -> Any:
 # -- WebSocket clients -------------------------------------------------------
 
 
+async def read_until(
+    read: Callable[[float], Awaitable[dict[str, Any]]],
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    seen: list[dict[str, Any]],
+    where: str = "",
+) -> dict[str, Any]:
+    """Read frames until one matches ``predicate``; fail naming the last frames seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no matching frame {where}within {timeout}s; got {seen[-5:]}")
+        frame = await read(remaining)
+        if predicate(frame):
+            return frame
+
+
 class Subscription:
     """Reads one topic of a ``subsys.client.Client`` in the background and keeps every frame."""
 
@@ -146,14 +164,7 @@ class Subscription:
                 return frame
 
     async def until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = DEFAULT_TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching frame on {self.topic} within {timeout}s; got {self.frames[-5:]}")
-            frame = await self.next(remaining)
-            if predicate(frame):
-                return frame
+        return await read_until(self.next, predicate, timeout, self.frames, f"on {self.topic} ")
 
     def drain_nowait(self) -> list[dict[str, Any]]:
         frames = []
@@ -198,14 +209,7 @@ class RawClient:
         return frame
 
     async def until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = DEFAULT_TIMEOUT) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no matching frame within {timeout}s; got {self.frames[-5:]}")
-            frame = await self.recv(remaining)
-            if predicate(frame):
-                return frame
+        return await read_until(self.recv, predicate, timeout, self.frames)
 
     async def error(self, code: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         """The next error frame; it must carry ``code``."""
