@@ -422,3 +422,42 @@ async def test_peer_link_rejects_missing_and_wrong_secret(cluster: Cluster) -> N
             assert frame == {"type": "not_owner", "topic": "items:1"}
     await eventually(lambda: node.logs().count("rejected peer link") >= 3, timeout=10)
     assert SECRET not in node.logs()
+
+
+async def test_drain_hands_topics_over_and_keeps_serving(consul_agent, start_node, make_database) -> None:
+    """``Node.handoff()`` (what the admin API's drain calls) on a live node, both nodes in-process."""
+    db_url = await make_database()
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(SCHEMA)
+    finally:
+        await conn.close()
+    sections = {
+        "consul": {"address": consul_agent.http_addr, "prefix": f"d{uuid.uuid4().hex[:8]}/", "check_ttl": CHECK_TTL},
+        "secrets": {"cluster_secret": SECRET},
+        "node": {"grace_period": GRACE},
+    }
+    feeds = {"items": {"sql": "select * from poll_items($1)", "key": ["id"], "param": "int", "interval": INTERVAL}}
+    first = await start_node(feeds, database_url=db_url, **sections)
+    on_first = Watcher(first)
+    await on_first.ready()
+    assert first.node.running_pollers(), "the only interested node owns the topic"
+    second = await start_node(feeds, database_url=db_url, **sections)
+    on_second = Watcher(second)
+    await on_second.ready()
+    old_epoch = first.node.running_pollers()["items:1"]
+
+    await first.node.handoff()
+    await eventually(lambda: second.node.running_pollers().get("items:1", 0) > old_epoch, timeout=30)
+    assert first.node.running_pollers() == {}
+    # The drained node keeps its client, now as a follower of the new owner.
+    await eventually(lambda: any(f["type"] == "resync" for f in on_first.data()), timeout=30)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("update items set v = 5 where id = 1")
+    finally:
+        await conn.close()
+    for watcher in (on_first, on_second):
+        await eventually(lambda w=watcher: w.value_of(1) == 5, timeout=30)
+        assert not watcher.epoch_regressions
+        await watcher.stop()
