@@ -10,7 +10,7 @@ from rich.table import Table
 
 from subsys.client import TopicView, connect
 
-out = Console()
+out = Console(soft_wrap=True)  # a row per line, also when piped
 err = Console(stderr=True)
 
 
