@@ -118,6 +118,10 @@ class _Stopped(Exception):
 
 
 def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        # As root, pgserver runs PostgreSQL as an unprivileged user and opens every parent
+        # of the data dir to others (o+rx): keep that away from /root.
+        return Path(tempfile.gettempdir()) / "subsys-dev-root" / "dev-pg"
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "subsys" / "dev-pg"
 

@@ -30,7 +30,7 @@ from .encoding import dumps
 from .node import Follower, Node
 from .protocol import Publication
 from .registry import TopicState
-from ._outbox import Outbox
+from ._outbox import Outbox, SendFailed
 
 __all__ = ["PEER_PATH", "setup_peer_link", "PeerLinks", "peer_headers"]
 
@@ -145,7 +145,7 @@ async def peer_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=5.0, max_msg_size=1024 * 1024)
     await ws.prepare(request)
     conn = PeerConnection(ws=ws, node=node, peer_node=peer_node)
-    writer = asyncio.create_task(conn.outbox.run(), name=f"peer-writer-{peer_node}")
+    writer = asyncio.create_task(_run_writer(conn), name=f"peer-writer-{peer_node}")
     log.info("peer link from %s open", peer_node)
     try:
         async for msg in ws:
@@ -162,6 +162,16 @@ async def peer_handler(request: web.Request) -> web.StreamResponse:
         await asyncio.gather(writer, return_exceptions=True)
         log.info("peer link from %s closed", peer_node)
     return ws
+
+
+async def _run_writer(conn: PeerConnection) -> None:
+    """Owned by the link's handler. A stuck follower is cut off: it reconnects and resyncs."""
+    try:
+        await conn.outbox.run()
+    except SendFailed as exc:
+        if not conn.ws.closed:
+            log.warning("closing peer link from %s: %s", conn.peer_node, exc)
+            await conn.ws.close()
 
 
 # -- follower side ----------------------------------------------------------------

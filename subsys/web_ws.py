@@ -186,8 +186,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             }
         )
     )
-    writer = asyncio.create_task(conn.outbox.run(), name=f"ws-writer-{conn.id}")
-    writer.add_done_callback(lambda task: _writer_done(task, ws))
+    writer = asyncio.create_task(_run_writer(conn, ws), name=f"ws-writer-{conn.id}")
     try:
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
@@ -207,21 +206,22 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _writer_done(task: asyncio.Task, ws: web.WebSocketResponse) -> None:
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if isinstance(exc, SendFailed):
+async def _run_writer(conn: ClientConnection, ws: web.WebSocketResponse) -> None:
+    """The connection's writer; owned (cancelled and awaited) by its handler."""
+    try:
+        await conn.outbox.run()
+    except SendFailed as exc:
         # A send on a socket that is already closing (the client left, normally or not)
         # is how a connection ends: nothing to report. aiohttp raises ConnectionResetError
         # once the transport is closing, even before ws.closed is set.
         if ws.closed or isinstance(exc.__cause__, ConnectionResetError):
             log.debug("client socket closing; its writer stopped: %s", exc)
         else:
-            log.warning("closing slow or broken client socket: %s", exc)
-            asyncio.ensure_future(ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"))
-    elif exc is not None:
-        log.error("client writer crashed", exc_info=exc)
+            log.warning("closing slow or broken client socket %s: %s", conn.peer, exc)
+            await ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer")
+    except Exception:
+        log.exception("client writer crashed; closing the socket")
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR)
 
 
 async def close_all(connections: set[ClientConnection], *, timeout: float = 2.0) -> None:

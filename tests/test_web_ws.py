@@ -1,4 +1,4 @@
-"""``subsys.web_ws._writer_done``: how a client writer's end is reported."""
+"""``subsys.web_ws._run_writer``: how a client writer's end is reported and handled."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from subsys._outbox import SendFailed
-from subsys.web_ws import CLOSE_SLOW_CONSUMER, _writer_done
+from subsys.web_ws import CLOSE_SLOW_CONSUMER, _run_writer
 
 
 class FakeSocket:
@@ -16,17 +16,23 @@ class FakeSocket:
         self.closed = closed
         self.closes: list[int] = []
 
-    async def close(self, *, code: int, message: bytes) -> None:
+    async def close(self, *, code: int, message: bytes = b"") -> None:
         self.closes.append(code)
 
 
-async def _failed_writer(exc: BaseException) -> asyncio.Task:
-    async def run() -> None:
-        raise exc
+class FakeOutbox:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
-    task = asyncio.create_task(run())
-    await asyncio.gather(task, return_exceptions=True)
-    return task
+    async def run(self) -> None:
+        raise self.exc
+
+
+class FakeConnection:
+    peer = "127.0.0.1"
+
+    def __init__(self, exc: BaseException) -> None:
+        self.outbox = FakeOutbox(exc)
 
 
 def _send_failed(cause: BaseException) -> SendFailed:
@@ -47,21 +53,23 @@ def _send_failed(cause: BaseException) -> SendFailed:
 async def test_a_client_that_left_is_logged_at_debug_only(caplog, closed, cause) -> None:
     ws = FakeSocket(closed)
     caplog.set_level(logging.DEBUG, logger="subsys.web_ws")
-    _writer_done(await _failed_writer(_send_failed(cause)), ws)
-    await asyncio.sleep(0)
+    await _run_writer(FakeConnection(_send_failed(cause)), ws)
     assert [r.levelno for r in caplog.records] == [logging.DEBUG], caplog.text
     assert "Traceback" not in caplog.text and ws.closes == []
 
 
 async def test_a_slow_client_is_closed_with_a_warning(caplog) -> None:
     ws = FakeSocket(closed=False)
-    _writer_done(await _failed_writer(_send_failed(asyncio.TimeoutError())), ws)
-    await asyncio.sleep(0)
+    await _run_writer(FakeConnection(_send_failed(asyncio.TimeoutError())), ws)
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert ws.closes == [CLOSE_SLOW_CONSUMER]
 
 
-async def test_a_real_crash_is_an_error_with_its_traceback(caplog) -> None:
-    _writer_done(await _failed_writer(KeyError("bug")), FakeSocket(closed=True))
-    assert [r.message for r in caplog.records if r.levelno == logging.ERROR] == ["client writer crashed"]
+async def test_a_real_crash_is_an_error_with_its_traceback_and_closes_the_socket(caplog) -> None:
+    ws = FakeSocket(closed=False)
+    await _run_writer(FakeConnection(KeyError("bug")), ws)
+    assert [r.message for r in caplog.records if r.levelno == logging.ERROR] == [
+        "client writer crashed; closing the socket"
+    ]
     assert "KeyError" in caplog.text
+    assert ws.closes == [1011]
