@@ -79,7 +79,7 @@ async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
     db_ok, db_detail = await node.database_health()
     coordinator = node.coordinator.health()
-    ready = db_ok and coordinator.get("ready", False) and not node.draining
+    ready = db_ok and coordinator.get("ready", False) and not node.draining and node.failure is None
     body = {
         "status": "ok" if ready else "unavailable",
         "live": True,
@@ -87,6 +87,7 @@ async def health(request: web.Request) -> web.Response:
         "node": node.node_id,
         "version": __version__,
         "draining": node.draining,
+        "failure": node.failure,
         "database": {"ok": db_ok, "detail": db_detail},
         "coordinator": coordinator,
         "topics": len(node.registry),

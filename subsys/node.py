@@ -50,6 +50,7 @@ class Node:
         self.pool: asyncpg.Pool | None = None
         self.follower: Follower | None = None
         self.draining = False
+        self.failure: str | None = None  # set if the control loops died
         self.started_at = time.time()
         self._pollers: dict[str, tuple[Poller, asyncio.Task]] = {}
         self._presence_written: dict[str, bool] = {}
@@ -79,9 +80,13 @@ class Node:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"node-{self.node_id}")
 
     async def _supervise(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self.coordinator.run(), name="coordinator")
-            group.create_task(self._reconcile_loop(), name="reconcile")
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.coordinator.run(), name="coordinator")
+                group.create_task(self._reconcile_loop(), name="reconcile")
+        except Exception as exc:  # a bug: say so loudly, and stop claiming readiness
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("node control loops failed; the node is not ready", exc_info=True)
 
     async def handoff(self) -> None:
         """Release every owned topic so peers take over (drain, and first step of shutdown)."""

@@ -180,7 +180,9 @@ class ConsulCoordinator(Coordinator):
             started = time.monotonic()
             try:
                 await self._heartbeat(started)
-            except (CoordinatorError, NotFound) as exc:
+            except Exception as exc:  # never let the heartbeat die: it is what keeps us fenced or alive
+                if not isinstance(exc, CoordinatorError):
+                    log.exception("consul heartbeat failed unexpectedly")
                 self._set_state("unreachable" if isinstance(exc, CoordinatorUnavailable) else "error", str(exc))
                 if not self._fresh() and self.owned():
                     log.warning("ownership no longer confirmed: fencing %d topic(s)", len(self.owned()))
@@ -243,7 +245,9 @@ class ConsulCoordinator(Coordinator):
             started = time.monotonic()
             try:
                 entries, new_index = await self.api.kv_list(prefix, index=max(index, 1), wait=self._cfg.wait)
-            except CoordinatorError as exc:
+            except Exception as exc:
+                if not isinstance(exc, CoordinatorError):
+                    log.exception("watch %s failed unexpectedly", prefix)
                 log.debug("watch %s failed: %s", prefix, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
