@@ -18,7 +18,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from _support import eventually
+from _support import db_execute, eventually
 from subsys.client import connect
 from subsys.localcluster import ConsulAgent, NodeProcess, ProcessError, consul_binary, write_toml
 
@@ -151,11 +151,7 @@ class Cluster:
         return {row["app"]: row["n"] for row in rows}
 
     async def execute(self, sql: str, *args: Any) -> None:
-        conn = await asyncpg.connect(self.db_url)
-        try:
-            await conn.execute(sql, *args)
-        finally:
-            await conn.close()
+        await db_execute(self.db_url, sql, *args)
 
     async def stop(self) -> None:
         await asyncio.gather(*(watcher.stop() for watcher in self.watchers))
@@ -166,13 +162,16 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(consul_agent, make_database, tmp_path, request) -> AsyncIterator[Cluster]:
+async def items_db(make_database) -> str:
+    """A fresh database with the items schema and its poll log."""
     db_url = await make_database()
-    conn = await asyncpg.connect(db_url)
-    try:
-        await conn.execute(SCHEMA)
-    finally:
-        await conn.close()
+    await db_execute(db_url, SCHEMA)
+    return db_url
+
+
+@pytest.fixture
+async def cluster(consul_agent, items_db, tmp_path, request) -> AsyncIterator[Cluster]:
+    db_url = items_db
     cluster = Cluster(agent=consul_agent, db_url=db_url, workdir=tmp_path)
     try:
         yield cluster
@@ -424,14 +423,9 @@ async def test_peer_link_rejects_missing_and_wrong_secret(cluster: Cluster) -> N
     assert SECRET not in node.logs()
 
 
-async def test_drain_hands_topics_over_and_keeps_serving(consul_agent, start_node, make_database) -> None:
+async def test_drain_hands_topics_over_and_keeps_serving(consul_agent, start_node, items_db) -> None:
     """``Node.handoff()`` (what the admin API's drain calls) on a live node, both nodes in-process."""
-    db_url = await make_database()
-    conn = await asyncpg.connect(db_url)
-    try:
-        await conn.execute(SCHEMA)
-    finally:
-        await conn.close()
+    db_url = items_db
     sections = {
         "consul": {"address": consul_agent.http_addr, "prefix": f"d{uuid.uuid4().hex[:8]}/", "check_ttl": CHECK_TTL},
         "secrets": {"cluster_secret": SECRET},
@@ -452,11 +446,7 @@ async def test_drain_hands_topics_over_and_keeps_serving(consul_agent, start_nod
     assert first.node.running_pollers() == {}
     # The drained node keeps its client, now as a follower of the new owner.
     await eventually(lambda: any(f["type"] == "resync" for f in on_first.data()), timeout=30)
-    conn = await asyncpg.connect(db_url)
-    try:
-        await conn.execute("update items set v = 5 where id = 1")
-    finally:
-        await conn.close()
+    await db_execute(db_url, "update items set v = 5 where id = 1")
     for watcher in (on_first, on_second):
         await eventually(lambda w=watcher: w.value_of(1) == 5, timeout=30)
         assert not watcher.epoch_regressions
