@@ -224,6 +224,12 @@ class Node:
         if running is not None:
             await self._stop_poller(topic, release=False, why="not the owner any more")
 
+        if owner is not None and owner.node_id == self.node_id:
+            # Held by a previous session of this node (before a restart or a lost session):
+            # Consul deletes it when that session is invalidated; then we acquire anew.
+            state.owner_node, state.role = None, "idle"
+            await self._unfollow(topic)
+            return
         if owner is not None:
             self._orphan_since.pop(topic, None)
             state.owner_node = owner.node_id
