@@ -15,7 +15,6 @@ node closes the socket with code 4008 (slow consumer) instead.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 

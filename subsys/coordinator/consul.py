@@ -62,7 +62,6 @@ class ConsulCoordinator(Coordinator):
         self._state = "starting"
         self._last_error = ""
         self._closing = False
-        self._registered = asyncio.Event()
         self._pending: set[str] = set()  # keys this session still has to write
 
     # -- keys ------------------------------------------------------------------
@@ -165,7 +164,6 @@ class ConsulCoordinator(Coordinator):
         await self._write_pending()
         self._set_state("connected", "")
         log.info("registered with consul at %s: service %s, session %s", self.api.base, self.service_id, self.session)
-        self._registered.set()
 
     def _set_state(self, state: str, error: str) -> None:
         if state != self._state:
