@@ -8,8 +8,6 @@ PostgreSQL, a loopback Consul server agent (consul/install.sh) and
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import secrets
 import statistics
 import time
@@ -59,10 +57,8 @@ async def _setup(env: BenchEnv, *, interval: float, check_ttl: float) -> tuple[P
 
 
 async def _owner(agent: ConsulAgent, topic: str) -> tuple[str, int] | None:
-    for entry in await agent.kv(f"{PREFIX}owners/{topic}"):
-        if entry.get("Session"):
-            return json.loads(base64.b64decode(entry["Value"]))["node"], entry["ModifyIndex"]
-    return None
+    owner = (await agent.owners(PREFIX)).get(topic)
+    return (owner["node"], owner["epoch"]) if owner else None
 
 
 async def _wait(predicate: Callable[[], Awaitable[Any]], timeout: float = 60.0, what: str = "condition") -> Any:

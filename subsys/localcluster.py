@@ -20,6 +20,7 @@ timeout, logs, readiness polling, free ports) is in :mod:`subsys._procs`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import glob
 import json
@@ -311,6 +312,15 @@ class ConsulAgent(ChildProcess):
     async def kv(self, prefix: str) -> list[dict[str, Any]]:
         """Every KV entry under ``prefix`` (Consul's JSON, values base64)."""
         return await self.get_json(f"kv/{prefix}", recurse="") or []
+
+    async def owners(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """Held owner keys of the cluster under ``prefix``: topic -> key value plus its ``epoch``."""
+        base = f"{prefix}owners/"
+        return {
+            entry["Key"][len(base):]: {**json.loads(base64.b64decode(entry["Value"])), "epoch": entry["ModifyIndex"]}
+            for entry in await self.kv(base)
+            if entry.get("Session")
+        }
 
 
 _consul_path: str | None = None

@@ -17,7 +17,6 @@ from typing import Any, Awaitable
 
 import asyncpg
 
-from . import __version__
 from .config import Feed, Settings
 from .coordinator import Coordinator
 from .errors import CoordinatorError, TopicError
@@ -93,10 +92,6 @@ class Node:
         self.draining = True
         for topic in list(self._pollers):
             await self._stop_poller(topic, release=True, why="handoff")
-        self.kick()
-
-    async def undrain(self) -> None:
-        self.draining = False
         self.kick()
 
     async def close(self) -> None:
@@ -348,18 +343,6 @@ class Node:
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         self._db_checked = (time.monotonic(), ok, detail)
         return ok, detail
-
-    def local_state(self) -> dict[str, Any]:
-        return {
-            "node": self.node_id,
-            "version": __version__,
-            "address": self.settings.advertise_url,
-            "coordinator": self.coordinator.health(),
-            "draining": self.draining,
-            "started": self.started_at,
-            "topics": self.registry.describe(),
-            "pollers": self.running_pollers(),
-        }
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

@@ -226,7 +226,6 @@ class PeerLinks(Follower):
         self._links: dict[str, _Link] = {}
         self._topics: dict[str, str] = {}  # topic -> owner address
         self._session: aiohttp.ClientSession | None = None
-        self.dropped_stale = 0
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -279,7 +278,7 @@ class PeerLinks(Follower):
         owner = self.node.coordinator.view.owners.get(topic)
         epoch = int(frame.get("epoch", 0))
         if owner is not None and epoch < owner.epoch:
-            self.dropped_stale += 1  # fencing: an older owner's message
+            log.debug("dropped a frame of epoch %d < %d topic=%s (fenced)", epoch, owner.epoch, topic)
             return
         if not state.apply_remote(frame) and frame.get("type") == "diff" and epoch >= state.epoch:
             await link.send({"type": "resync", "topic": topic})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from .config import Feed
-from .diff import Diff, Rows, compute_diff, index_rows, key_object, row_key
+from .diff import Diff, Rows, apply_diff, compute_diff, index_rows, key_object, row_key
 from .protocol import Publication
 
 __all__ = ["Receiver", "TopicState", "TopicRegistry", "PollStats"]
@@ -164,15 +164,12 @@ class TopicState:
         if kind == "diff":
             if epoch != self.epoch or not self.has_data or int(frame["seq"]) != self.seq + 1:
                 return False  # gap: the owner link will be asked for a snapshot
-            diff = Diff(frame.get("inserted", []), frame.get("updated", []), [])
-            rows = dict(self.rows)
-            key_cols = self.feed.key
-            for key_obj in frame.get("deleted", []):
-                rows.pop(row_key(key_obj, key_cols), None)
-            for row in diff.inserted + diff.updated:
-                rows[row_key(row, key_cols)] = row
-            self.rows, self.seq, self._snapshot = rows, int(frame["seq"]), None
-            self._broadcast(Publication("diff", self.topic, epoch, self.seq, _diff_body(frame)))
+            body = _diff_body(frame)
+            deleted = [row_key(key_obj, self.feed.key) for key_obj in body["deleted"]]
+            diff = Diff(body["inserted"], body["updated"], deleted)
+            self.rows = apply_diff(self.rows, diff, self.feed.key)
+            self.seq, self._snapshot = int(frame["seq"]), None
+            self._broadcast(Publication("diff", self.topic, epoch, self.seq, body))
             return True
         if kind == "status":
             if epoch > self.epoch:

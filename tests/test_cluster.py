@@ -7,7 +7,6 @@ execution with the polling node's ``application_name`` (``subsys:<node>``).
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 import uuid
@@ -115,15 +114,7 @@ class Cluster:
         return self.by_name(name), (await self.owners())[topic]["epoch"]
 
     async def owners(self) -> dict[str, dict[str, Any]]:
-        entries = await self.agent.kv(f"{self.prefix}owners/")
-        result = {}
-        for entry in entries:
-            if entry.get("Session"):
-                import base64
-
-                value = json.loads(base64.b64decode(entry["Value"]))
-                result[entry["Key"].rsplit("/", 1)[-1]] = {**value, "epoch": entry["ModifyIndex"]}
-        return result
+        return await self.agent.owners(self.prefix)
 
     async def keys(self, part: str) -> list[str]:
         return [entry["Key"] for entry in await self.agent.kv(f"{self.prefix}{part}/")]

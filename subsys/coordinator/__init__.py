@@ -112,11 +112,6 @@ class Coordinator(abc.ABC):
     def can_publish(self, topic: str, epoch: int) -> bool:
         """The fencing gate, checked before every publish."""
 
-    async def confirm(self, topic: str, epoch: int) -> bool:
-        """Re-check ownership against the source of truth (default: the view)."""
-        owner = self.view.owners.get(topic)
-        return self.holds(owner) and owner.epoch == epoch
-
     # -- presence ----------------------------------------------------------
 
     @abc.abstractmethod

@@ -104,12 +104,6 @@ class ConsulAPI:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise CoordinatorUnavailable(f"consul unreachable at {self.base}: {exc!r}") from None
 
-    # -- status --------------------------------------------------------------
-
-    async def leader(self) -> str:
-        _status, payload, _ = await self._request("GET", "status/leader")
-        return payload or ""
-
     # -- agent: service and TTL check -----------------------------------------
 
     async def register_service(self, definition: dict[str, Any]) -> None:
@@ -123,10 +117,6 @@ class ConsulAPI:
         if status == 404:
             raise NotFound(f"check {check_id} is not registered")
 
-    async def health_service(self, name: str) -> list[dict[str, Any]]:
-        _status, payload, _ = await self._request("GET", f"health/service/{name}")
-        return payload or []
-
     # -- sessions --------------------------------------------------------------
 
     async def create_session(self, body: dict[str, Any]) -> str:
@@ -139,10 +129,6 @@ class ConsulAPI:
     async def session_info(self, session_id: str) -> dict[str, Any] | None:
         _status, payload, _ = await self._request("GET", f"session/info/{session_id}", params={"consistent": True})
         return payload[0] if payload else None
-
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        _status, payload, _ = await self._request("GET", "session/list")
-        return payload or []
 
     # -- KV ----------------------------------------------------------------------
 
@@ -170,10 +156,6 @@ class ConsulAPI:
         _status, payload, _ = await self._request(
             "PUT", f"kv/{key}", params={"acquire": session}, data=json.dumps(value).encode()
         )
-        return payload is True or payload == "true"
-
-    async def kv_release(self, key: str, session: str) -> bool:
-        _status, payload, _ = await self._request("PUT", f"kv/{key}", params={"release": session})
         return payload is True or payload == "true"
 
     async def kv_delete(self, key: str, *, cas: int | None = None) -> bool:

@@ -349,10 +349,6 @@ class ConsulCoordinator(Coordinator):
         owner = self.view.owners.get(topic)
         return self.holds(owner) and owner.epoch == epoch and self._fresh()
 
-    async def confirm(self, topic: str, epoch: int) -> bool:
-        entry = await self.api.kv_get(self.owner_key(topic), consistent=True)
-        return entry is not None and entry.session == self.session and entry.modify_index == epoch
-
     # -- presence -------------------------------------------------------------------
 
     async def set_presence(self, topic: str, present: bool) -> None:
