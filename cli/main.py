@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from subsys.config import Settings, load_settings
-from subsys.errors import ConfigError, SubsysError
+from subsys.core.errors import ConfigError, SubsysError
 
 __all__ = ["app", "main"]
 
@@ -45,7 +45,7 @@ def serve(
     log_format: Optional[str] = typer.Option(None, "--log-format", help="human or json."),
 ) -> None:
     """Run one node. Joins a Consul cluster when CONSUL_HTTP_ADDR (or the consul.address setting) is set."""
-    from subsys.app import async_run
+    from subsys.web.app import async_run
     from subsys.logs import setup_logging
 
     settings = _settings(config, host=host, port=port, node_id=node_id, log_format=log_format)
@@ -71,7 +71,7 @@ def sub(
     count: int = typer.Option(0, help="Exit after this many messages (0: run until Ctrl-C)."),
 ) -> None:
     """Subscribe to a topic and print its snapshot and diffs as they arrive."""
-    from cli._sub import run_sub
+    from subsys.cli.sub import run_sub
 
     try:
         code = asyncio.run(run_sub(topic, url=url, as_json=as_json, count=count))

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
-from .topics import PARAM_TYPES
+from subsys.core.errors import ConfigError
+from subsys.core.topics import PARAM_TYPES
 
 __all__ = [
     "Feed",

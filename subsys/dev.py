@@ -44,18 +44,12 @@ import asyncpg
 from rich.console import Console
 from rich.text import Text
 
-from . import _demo
-from .localcluster import (
-    LOOPBACK,
-    ConsulAgent,
-    DataDirError,
-    EmbeddedPostgres,
-    NodeProcess,
-    ProcessError,
-    check_ports,
-    exit_status,
-    find_consul,
-)
+from subsys.testing import demo as _demo
+from subsys.testing.cluster import ClusterSpec, LocalCluster
+from subsys.testing.consul import ConsulAgent, find_consul
+from subsys.testing.nodes import NodeProcess
+from subsys.testing.postgres import DataDirError, EmbeddedPostgres
+from subsys.testing.procs import LOOPBACK, ProcessError, check_ports, exit_status
 
 __all__ = ["run_dev", "default_data_dir", "find_consul", "check_ports"]
 
@@ -105,6 +99,10 @@ def _warn(message: str) -> None:
     say(Text(message, style="yellow"))
 
 
+def _say_text(message: str) -> None:
+    say(Text(message))
+
+
 class DevError(Exception):
     """A problem that stops ``subsys dev``: printed as one clear message, no stack trace."""
 
@@ -136,9 +134,7 @@ class DevCluster:
 
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str = ""
-    children: list[NodeProcess] = field(default_factory=list)
-    consul: ConsulAgent | None = None
-    pg: EmbeddedPostgres | None = None
+    cluster: LocalCluster | None = None
     writer_task: asyncio.Task | None = None
     run_dir: Path | None = None
     _signals: int = 0
@@ -178,6 +174,20 @@ class DevCluster:
                 child.kill()
             say("[bold]hurrying: killed what was left[/]")
 
+    @property
+    def children(self) -> list[NodeProcess]:
+        return list(self.cluster.nodes.values()) if self.cluster is not None else []
+
+    @property
+    def consul(self) -> ConsulAgent | None:
+        if self.cluster is None or self.cluster.consul is None:
+            return None
+        return self.cluster.consul.servers[0]
+
+    @property
+    def pg(self) -> EmbeddedPostgres | None:
+        return self.cluster.pg if self.cluster is not None else None
+
     def _processes(self) -> list[NodeProcess | ConsulAgent]:
         return [*self.children, *([self.consul] if self.consul else [])]
 
@@ -203,30 +213,45 @@ class DevCluster:
         node_count = len(wanted) if consul_bin else 1
 
         self.run_dir = Path(tempfile.mkdtemp(prefix="subsys-dev-"))
+        self.data_dir = (self.data_dir or default_data_dir()).expanduser().resolve()
+        demo = _demo.config(interval=self.interval)
+        spec = ClusterSpec(
+            nodes=node_count,
+            feeds=demo["feeds"],
+            settings={"node": demo["node"]},
+            consul="dev" if consul_bin else "none",
+            database_name=_demo.DEMO_DATABASE,
+            pg_data_dir=self.data_dir,
+            prefix=CONSUL_PREFIX,
+            secret=secrets.token_urlsafe(32),
+            base_port=self.base_port,
+            node_names=tuple(f"node-{i + 1}" for i in range(node_count)),
+            own_session=True,
+        )
+        self.cluster = LocalCluster(spec, workdir=self.run_dir, on_line=self._print_line, report=_say_text)
         await self._start_postgres()
-        assert self.pg is not None
-        db_url = self.pg.url(_demo.DEMO_DATABASE)
+        db_url = self.cluster.database_url
         try:
-            await self._until_stopped(_demo.prepare(self.pg.url(), db_url))
+            await self._until_stopped(_demo.ensure_schema(db_url))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DevError(f"could not set up the demo database: {type(exc).__name__}: {exc}") from None
-        config = _demo.write_config(self.run_dir / "subsys-dev.toml", interval=self.interval)
-
-        env = {"DATABASE_URL": db_url}
+        config = self.cluster.write_config()
         if consul_bin:
-            await self._start_consul(consul_bin, how)
-            assert self.consul is not None
-            env["CONSUL_HTTP_ADDR"] = self.consul.http_addr
-            env["SUBSYS_CLUSTER_SECRET"] = secrets.token_urlsafe(32)
-            env["SUBSYS_CONSUL_PREFIX"] = CONSUL_PREFIX
+            await self._start_consul(how)
 
         writer = _demo.DemoWriter(db_url, report=_warn)
         self.writer_task = asyncio.create_task(writer.run(), name="demo-writer")
 
-        for index in range(node_count):
-            await self._start_node(index, config, env)
+        try:
+            await self.cluster.start_nodes(node_count, wait=False)
+        except OSError as exc:
+            raise DevError(f"cannot start the nodes: {exc}") from None
         await self._until_stopped(self._wait_all_ready())
-        self._banner(consul_bin, how, db_url, config)
+        self._banner(how, db_url, config)
+
+    def _print_line(self, name: str, line: str) -> None:
+        index = int(name.rsplit("-", 1)[-1]) - 1 if name.rsplit("-", 1)[-1].isdigit() else 0
+        say(Text.assemble((f"{name:<7}| ", _STYLES[index % len(_STYLES)]), line))
 
     def _validate(self) -> None:
         if self.nodes < 1 or self.nodes > 32:
@@ -258,46 +283,25 @@ class DevCluster:
         raise _Stopped
 
     async def _start_postgres(self) -> None:
-        self.data_dir = (self.data_dir or default_data_dir()).expanduser().resolve()
-        self.pg = EmbeddedPostgres(self.data_dir, report=lambda message: say(Text(message)))
+        assert self.cluster is not None
         try:
             # Not cancelled by Ctrl-C (pg_ctl -w), so that it is always stopped after.
-            await self.pg.start()
+            await self.cluster.start_postgres()
         except DataDirError as exc:
             raise DevError(f"{exc}; pick another --data-dir") from None
         except ProcessError as exc:
             raise DevError(str(exc)) from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DevError(f"could not set up the demo database: {type(exc).__name__}: {exc}") from None
         self._check_stop()
 
-    async def _start_consul(self, binary: str, how: str) -> None:
-        assert self.run_dir is not None
-        self.consul = ConsulAgent(
-            self.run_dir, dev=True, binary=binary, node_name=f"subsys-dev-{os.getpid()}", own_session=True, report=_warn
-        )
+    async def _start_consul(self, how: str) -> None:
+        assert self.cluster is not None
+        say(f"starting a Consul dev agent ({how}) ...")
         try:
-            await self.consul.start()
-        except OSError as exc:
-            raise DevError(f"cannot run {binary}: {exc}\n(run with --embedded to skip Consul)") from None
-        say(f"starting a Consul dev agent ({binary}, {how}) on {self.consul.http_addr} ...")
-        try:
-            await self._until_stopped(self.consul.wait_ready(timeout=CONSUL_LEADER_TIMEOUT))
-        except ProcessError as exc:
+            await self._until_stopped(asyncio.wait_for(self.cluster.start_consul(), CONSUL_LEADER_TIMEOUT))
+        except (ProcessError, OSError, asyncio.TimeoutError) as exc:
             raise DevError(f"the Consul agent did not get ready: {exc}\n(run with --embedded to skip Consul)") from None
-
-    async def _start_node(self, index: int, config: Path, env: dict[str, str]) -> None:
-        name = f"node-{index + 1}"
-        prefix = (f"{name:<7}| ", _STYLES[index % len(_STYLES)])
-        node = NodeProcess(
-            name,
-            config=config,
-            env=env,
-            port=self.base_port + index,
-            on_line=lambda line: say(Text.assemble(prefix, line)),
-            own_session=True,
-            report=_warn,
-        )
-        self.children.append(node)
-        await node.start()
 
     async def _wait_all_ready(self) -> None:
         tasks = [asyncio.create_task(node.wait_ready(NODE_READY_TIMEOUT)) for node in self.children]
@@ -311,7 +315,7 @@ class DevCluster:
             if task in done and task.exception() is not None:
                 raise DevError(str(task.exception()))
 
-    def _banner(self, consul_bin: str | None, how: str, db_url: str, config: Path) -> None:
+    def _banner(self, how: str, db_url: str, config: Path) -> None:
         assert self.pg is not None
         say()
         if self.consul is not None:
@@ -330,7 +334,6 @@ class DevCluster:
         say(f"  subsys sub orders:1 --url {self.children[0].ws_url}")
         if len(self.children) > 1:
             say(f"  subsys sub orders:1 --url {self.children[-1].ws_url}      (same topic through another node)")
-        say("later: subsys console")
         say("Ctrl-C stops everything.\n")
 
     # -- run ------------------------------------------------------------------

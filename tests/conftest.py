@@ -28,11 +28,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-import subsys.app as subsys_app
-from subsys.appkeys import CONNECTIONS, NODE
+import subsys.web.app as subsys_app
+from subsys.web.appkeys import NODE
 from subsys.config import Settings, load_settings
+from subsys.testing.postgres import EmbeddedPostgres
 
-from _support import create_database, drop_database, free_port, to_toml, with_database
+from support import create_database, drop_database, free_port, to_toml, with_database
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -43,24 +44,42 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("filterwarnings", "ignore:XDG_RUNTIME_DIR is not set")
 
 
+_KINDS = ("unit", "integration", "cluster", "console", "chaos", "bench")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each test is marked by its folder: ``pytest -m "not cluster and not chaos"`` runs the quick kinds."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for kind in _KINDS:
+            if kind in parts:
+                item.add_marker(getattr(pytest.mark, kind))
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item, so fixtures can print logs when a test failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 # -- PostgreSQL ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Any:
+async def pg_server() -> AsyncIterator[str]:
     """Admin DSN of the PostgreSQL server the tests use."""
     url = os.environ.get("SUBSYS_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    import pgserver
-
-    tmp = tempfile.mkdtemp(prefix="subsys-pg-")
-    server = pgserver.get_server(tmp, cleanup_mode="delete")
+    tmp = Path(tempfile.mkdtemp(prefix="subsys-pg-"))
+    server = EmbeddedPostgres(tmp / "data")
     try:
-        yield server.get_uri()
+        yield await server.start()
     finally:
-        server.cleanup()
+        await server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -121,7 +140,7 @@ class RunningNode:
 
     @property
     def connections(self) -> set:
-        return self.app[CONNECTIONS]
+        return self.node.clients
 
     @property
     def application_name(self) -> str:

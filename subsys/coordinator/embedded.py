@@ -1,11 +1,18 @@
-"""In-process coordinator: one node, no Consul. Epoch is always 1."""
+"""In-process coordinator: one node, no Consul.
+
+Epochs come from a counter that lives as long as the process, so they
+strictly increase across acquisitions of a topic (a topic released after
+its grace and taken again starts a new epoch, and its clients see a
+``resync``), as the interface promises.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
-from . import Coordinator, NodeRecord, OwnerRecord
+from subsys.coordinator.base import Coordinator, NodeRecord, OwnerRecord
 
 __all__ = ["EmbeddedCoordinator"]
 
@@ -13,13 +20,16 @@ __all__ = ["EmbeddedCoordinator"]
 class EmbeddedCoordinator(Coordinator):
     kind = "embedded"
 
-    def __init__(self, *, node_id: str, address: str, version: str = "") -> None:
-        super().__init__(node_id=node_id, address=address)
+    def __init__(self, *, node_id: str, address: str, incarnation: str = "", version: str = "") -> None:
+        super().__init__(node_id=node_id, address=address, incarnation=incarnation)
         self._version = version
         self._ready = False
+        self._epochs = itertools.count(1)
 
     async def start(self) -> None:
-        self.view.nodes[self.node_id] = NodeRecord(self.node_id, self.address, self._version, time.time())
+        self.view.nodes[self.node_id] = NodeRecord(
+            self.node_id, self.address, self._version, time.time(), self.incarnation, self.holder_id
+        )
         self._ready = True
         await self._notify()
 
@@ -29,6 +39,7 @@ class EmbeddedCoordinator(Coordinator):
     async def close(self) -> None:
         self.view.owners.clear()
         self.view.presence.clear()
+        self.view.nodes.clear()
         self._ready = False
         await self._notify()
 
@@ -36,24 +47,29 @@ class EmbeddedCoordinator(Coordinator):
     def ready(self) -> bool:
         return self._ready
 
-    async def acquire(self, topic: str) -> OwnerRecord | None:
+    async def acquire(self, topic: str, *, reason: str = "") -> OwnerRecord | None:
+        if not self._ready:
+            return None
         current = self.view.owners.get(topic)
         if current is not None:
-            return current if current.node_id == self.node_id else None
-        record = OwnerRecord(topic, self.node_id, self.address, epoch=1, since=time.time(), holder=self.node_id)
+            return current if self.holds(current) else None
+        record = OwnerRecord(
+            topic, self.node_id, self.address, epoch=next(self._epochs), since=time.time(),
+            holder=self.holder_id, incarnation=self.incarnation, reason=reason,
+        )  # fmt: skip
         self.view.owners[topic] = record
         await self._notify()
         return record
 
     async def release(self, topic: str, epoch: int) -> None:
         current = self.view.owners.get(topic)
-        if current is not None and current.epoch == epoch and current.node_id == self.node_id:
+        if current is not None and current.epoch == epoch and self.holds(current):
             del self.view.owners[topic]
             await self._notify()
 
     def can_publish(self, topic: str, epoch: int) -> bool:
         current = self.view.owners.get(topic)
-        return current is not None and current.node_id == self.node_id and current.epoch == epoch
+        return self._ready and self.holds(current) and current.epoch == epoch
 
     async def set_presence(self, topic: str, present: bool) -> None:
         nodes = self.view.presence.setdefault(topic, set())
@@ -61,6 +77,6 @@ class EmbeddedCoordinator(Coordinator):
             nodes.add(self.node_id)
         else:
             nodes.discard(self.node_id)
-            if not nodes:
-                del self.view.presence[topic]
+        if not nodes:
+            del self.view.presence[topic]
         await self._notify()

@@ -1,0 +1,64 @@
+"""``subsys sub``: print a topic's messages."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from subsys.client.ws import TopicView, connect
+
+out = Console(soft_wrap=True)  # a row per line, also when piped
+err = Console(stderr=True)
+
+
+async def run_sub(topic: str, *, url: str, as_json: bool, count: int) -> int:
+    view = TopicView()
+    seen = 0
+    try:
+        async with connect(url) as client:
+            async for frame in client.subscribe(topic):
+                seen += 1
+                if as_json:
+                    print(json.dumps(frame), flush=True)
+                else:
+                    _pretty(frame, view)
+                if frame.get("type") == "error":
+                    return 1
+                if count and seen >= count:
+                    return 0
+            err.print(f"connection closed by server (code {client.close_code})")
+            return 1
+    except (aiohttp.ClientError, OSError) as exc:
+        err.print(f"[red]cannot connect to {url}:[/] {exc}")
+        return 1
+
+
+def _pretty(frame: dict, view: TopicView) -> None:
+    kind = frame.get("type")
+    view.apply(frame)
+    head = f"[bold]{kind}[/] {frame.get('topic', '')} epoch={frame.get('epoch', '-')} seq={frame.get('seq', '-')}"
+    if kind in ("snapshot", "resync"):
+        out.print(head + f" rows={len(frame['rows'])}")
+        if frame["rows"]:
+            table = Table(*frame["rows"][0].keys())
+            for row in frame["rows"][:50]:
+                table.add_row(*(json.dumps(v) if not isinstance(v, str) else v for v in row.values()))
+            out.print(table)
+    elif kind == "diff":
+        out.print(head)
+        for row in frame["inserted"]:
+            out.print(f"  [green]+[/] {json.dumps(row)}")
+        for row in frame["updated"]:
+            out.print(f"  [yellow]~[/] {json.dumps(row)}")
+        for key in frame["deleted"]:
+            out.print(f"  [red]-[/] {json.dumps(key)}")
+    elif kind == "status":
+        colour = "red" if frame.get("state") == "error" else "green"
+        out.print(f"[{colour}]status {frame.get('state')}[/] {frame.get('code', '')} {frame.get('message', '')}")
+    elif kind == "error":
+        err.print(f"[red]error {frame.get('code')}:[/] {frame.get('message')}")
+    else:
+        out.print(json.dumps(frame))

@@ -1,0 +1,142 @@
+"""The coordinator interface: who owns which topic, who has subscribers where.
+
+Both implementations follow Consul's semantics, so the node behaves alike on
+either:
+
+* ownership is a lock on a per-topic key held by this node's current
+  registration (a Consul session; in-process, the coordinator itself);
+  ``acquire`` returns the ``OwnerRecord`` with its ``epoch`` (a fencing token
+  that strictly increases across acquisitions of a topic) or ``None``;
+* presence is one ephemeral entry per (topic, node), written only when this
+  node's local subscriber count crosses zero;
+* the coordinator keeps a ``ClusterView`` fed by watches and bumps
+  ``generation`` on every change; the node reconciles against the view;
+* ``can_publish(topic, epoch)`` is the fencing gate: true only while the
+  view says this node holds that epoch *and* that was confirmed recently.
+
+One contract test suite (tests/integration/test_coordinator_contract.py)
+runs against both implementations.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["OwnerRecord", "NodeRecord", "ClusterView", "Coordinator"]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    topic: str
+    node_id: str
+    address: str
+    epoch: int
+    since: float = 0.0  # wall clock of the acquisition
+    holder: str = ""  # the registration (Consul session) that holds the key
+    incarnation: str = ""  # the owning process's incarnation, when known
+    reason: str = ""  # why it was acquired ("no owner", "forced failover by ...")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    node_id: str
+    address: str
+    version: str = ""
+    started: float = 0.0
+    incarnation: str = ""
+    holder: str = ""
+
+
+@dataclass(slots=True)
+class ClusterView:
+    owners: dict[str, OwnerRecord] = field(default_factory=dict)
+    presence: dict[str, set[str]] = field(default_factory=dict)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+
+
+class Coordinator(abc.ABC):
+    """Base class: holds the view and the change signal; subclasses do the I/O."""
+
+    kind = "abstract"
+
+    def __init__(self, *, node_id: str, address: str, incarnation: str) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.incarnation = incarnation
+        self.view = ClusterView()
+        self.generation = 0
+        self._changed = asyncio.Condition()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Register this node; return once the first view is loaded (or the attempt failed: ``run`` retries)."""
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Keep the registration alive and the view fresh until cancelled."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Leave the cluster: drop every key this node holds."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True while this node is registered and its view is live."""
+
+    def health(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ready": self.ready}
+
+    # -- ownership ---------------------------------------------------------
+
+    @property
+    def holder_id(self) -> str:
+        """What identifies this node's current hold on a key."""
+        return self.node_id
+
+    def holds(self, record: OwnerRecord | None) -> bool:
+        """True if ``record`` is held by this node's *current* registration."""
+        return record is not None and record.holder == self.holder_id
+
+    def owned(self) -> dict[str, OwnerRecord]:
+        return {topic: rec for topic, rec in self.view.owners.items() if self.holds(rec)}
+
+    @abc.abstractmethod
+    async def acquire(self, topic: str, *, reason: str = "") -> OwnerRecord | None:
+        """Try to take the topic's owner key (recording ``reason``); ``None`` if someone else holds it."""
+
+    @abc.abstractmethod
+    async def release(self, topic: str, epoch: int) -> None:
+        """Give the key back if this node still holds it at ``epoch``."""
+
+    @abc.abstractmethod
+    def can_publish(self, topic: str, epoch: int) -> bool:
+        """The fencing gate, checked before every publish."""
+
+    # -- presence ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def set_presence(self, topic: str, present: bool) -> None:
+        """Record whether this node has local subscribers to ``topic``."""
+
+    # -- change signal -----------------------------------------------------
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
+
+    async def wait_changed(self, seen: int, timeout: float) -> int:
+        """Wait until ``generation`` moves past ``seen`` (or timeout); return it."""
+        async with self._changed:
+            if self.generation == seen:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            return self.generation

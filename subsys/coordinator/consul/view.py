@@ -1,0 +1,82 @@
+"""Reading a cluster's state out of Consul: the view every node keeps, and a one-shot read.
+
+``apply_listing`` turns a prefix listing into the ``ClusterView`` parts the
+coordinator watches; ``read_view`` reads all of it once, for tools that are
+not nodes (the local-cluster harness, benches, the zombie scan) so that
+nothing outside this package parses Consul's keys.
+"""
+
+from __future__ import annotations
+
+from subsys.coordinator.base import ClusterView, NodeRecord, OwnerRecord
+from subsys.coordinator.consul.client import ConsulClient, KVEntry
+from subsys.coordinator.consul.keys import PARTS, KeyLayout
+
+__all__ = ["apply_listing", "read_view"]
+
+
+def apply_listing(view: ClusterView, keys: KeyLayout, part: str, entries: list[KVEntry]) -> bool:
+    """Rebuild one part of ``view`` from a listing of ``<prefix><part>/``; True if it changed."""
+    if part == "owners":
+        owners: dict[str, OwnerRecord] = {}
+        for entry in entries:
+            if entry.session is None:
+                continue  # released, not yet deleted: nobody owns it
+            value = entry.json() or {}
+            topic = keys.split("owners", entry.key)
+            owners[topic] = OwnerRecord(
+                topic=topic,
+                node_id=str(value.get("node", "?")),
+                address=str(value.get("address", "")),
+                epoch=entry.modify_index,
+                since=float(value.get("since", 0) or 0),
+                holder=entry.session,
+                incarnation=str(value.get("incarnation", "")),
+                reason=str(value.get("reason", "")),
+            )
+        changed = owners != view.owners
+        view.owners = owners
+        return changed
+    if part == "presence":
+        presence: dict[str, set[str]] = {}
+        for entry in entries:
+            topic, node = keys.presence_parts(entry.key)
+            if topic and node and entry.session is not None:
+                presence.setdefault(topic, set()).add(node)
+        changed = presence != view.presence
+        view.presence = presence
+        return changed
+    if part != "nodes":
+        raise ValueError(f"unknown part {part!r}")
+    nodes: dict[str, NodeRecord] = {}
+    for entry in entries:
+        if entry.session is None:
+            continue
+        value = entry.json() or {}
+        node_id = keys.split("nodes", entry.key)
+        nodes[node_id] = NodeRecord(
+            node_id=node_id,
+            address=str(value.get("address", "")),
+            version=str(value.get("version", "")),
+            started=float(value.get("started", 0) or 0),
+            incarnation=str(value.get("incarnation", "")),
+            holder=entry.session,
+        )
+    changed = nodes != view.nodes
+    view.nodes = nodes
+    return changed
+
+
+async def read_view(*, address: str, prefix: str, token: str = "", consistent: bool = True) -> ClusterView:
+    """The cluster's owners, presence and nodes as one Consul read each."""
+    keys = KeyLayout(prefix if prefix.endswith("/") else prefix + "/")
+    client = ConsulClient(address=address, token=token)
+    await client.open()
+    try:
+        view = ClusterView()
+        for part in PARTS:
+            entries, _index = await client.kv_list(keys.part(part), consistent=consistent)
+            apply_listing(view, keys, part, entries)
+        return view
+    finally:
+        await client.close()

@@ -1,0 +1,1 @@
+"""The node runtime: topic streams, pollers, the reconcile decision and its executor."""

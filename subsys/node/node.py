@@ -1,0 +1,341 @@
+"""The node: executes reconcile decisions for every topic it knows.
+
+Subscribing and unsubscribing only change local facts and kick the loop;
+the loop asks :func:`subsys.node.reconcile.decide` what to do about each
+topic given the coordinator's view, and does it (write presence, acquire,
+start or stop pollers, follow the owner, release idle topics). Being
+level-triggered, it repairs whatever a race or a failed call left behind on
+its next pass. Topic facts live in the topic's stream; the read-only view
+for the admin API is :mod:`subsys.node.inspect`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Protocol
+
+from subsys.config import Feed, Settings
+from subsys.coordinator.base import Coordinator, OwnerRecord
+from subsys.core.errors import CoordinatorError, FencedError, TopicError
+from subsys.core.topics import convert_param, parse_topic
+from subsys.node import reconcile
+from subsys.node.database import Database, run_feed_query
+from subsys.node.poller import Poller
+from subsys.node.stream import Receiver, TopicRegistry, TopicStream
+
+__all__ = ["Node", "Follower"]
+
+log = logging.getLogger(__name__)
+
+_TICK = 0.25
+_ORPHAN_TAKEOVER_DELAY = 1.0
+
+
+class Follower(Protocol):
+    """What the node needs from the peer link (set by the web layer in a cluster)."""
+
+    async def follow(self, stream: TopicStream, owner: OwnerRecord) -> None: ...
+    async def unfollow(self, topic: str) -> None: ...
+    def following(self, topic: str) -> str | None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Node:
+    def __init__(self, *, settings: Settings, coordinator: Coordinator, incarnation: str) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.incarnation = incarnation
+        self.coordinator = coordinator
+        self.registry = TopicRegistry()
+        self.database = Database(config=settings.database, application_name=f"subsys:{self.node_id}")
+        self.follower: Follower | None = None
+        self.clients: set[Any] = set()  # client connections (the web layer adds and removes them)
+        self.draining = False
+        self.shutting_down = False
+        self.failure: str | None = None  # set if the control loops died
+        self.started = time.time()
+        self._timing = reconcile.Timing(grace=settings.node.grace_period, orphan_delay=_ORPHAN_TAKEOVER_DELAY)
+        self._pollers: dict[str, tuple[Poller, asyncio.Task]] = {}
+        self._acquire_reasons: dict[str, str] = {}  # an operator's reason for the next acquisition
+        self._kick = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._supervisor: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.database.open()
+        await self.coordinator.start()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"node-{self.node_id}")
+
+    async def _supervise(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.coordinator.run(), name="coordinator")
+                group.create_task(self._reconcile_loop(), name="reconcile")
+        except Exception as exc:  # a bug: say so loudly, and stop claiming readiness
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("node control loops failed; the node is not ready", exc_info=True)
+
+    async def handoff(self, *, why: str = "handoff") -> int:
+        """Release every owned topic so peers take over (drain, and first step of shutdown)."""
+        self.draining = True
+        released = 0
+        for topic in list(self._pollers):
+            stream = self.registry.get(topic)
+            await self._stop_poller(topic, release=True, why=why)
+            if stream is not None:
+                self._drop_followers(stream, why)
+            released += 1
+        self.kick()
+        return released
+
+    def undrain(self) -> None:
+        self.draining = False
+        self.kick()
+
+    async def close(self) -> None:
+        self.shutting_down = True
+        await self.handoff(why="shutdown")
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.coordinator.close()
+        finally:
+            await self.database.close()
+
+    def spawn(self, coro: Awaitable[Any], *, name: str) -> asyncio.Task:
+        """Run a background task owned by the node (cancelled and awaited on close)."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- topics ------------------------------------------------------------
+
+    def resolve(self, topic: str) -> tuple[str, Feed, Any]:
+        parsed = parse_topic(topic)
+        feed = self.settings.feeds.get(parsed.feed)
+        if feed is None:
+            raise TopicError(f"unknown feed {parsed.feed!r}", code="unknown_feed")
+        return str(parsed), feed, convert_param(parsed.param, feed.param)
+
+    def stream(self, topic: str) -> TopicStream:
+        """Get or open the stream of a (valid) topic."""
+        stream = self.registry.get(topic)
+        if stream is None:
+            name, feed, param = self.resolve(topic)
+            stream = self.registry.open(name, feed, param)
+        return stream
+
+    def subscribe(self, receiver: Receiver, topic: str) -> TopicStream:
+        stream = self.stream(topic)
+        stream.local.add(receiver)
+        stream.empty_since = None
+        self.kick()
+        return stream
+
+    def unsubscribe(self, receiver: Receiver, topic: str) -> None:
+        stream = self.registry.get(topic)
+        if stream is None:
+            return
+        stream.local.discard(receiver)
+        if not stream.local:
+            stream.empty_since = time.monotonic()
+        self.kick()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def want_acquire(self, topic: str, reason: str) -> None:
+        """An operator asked for this node to take ``topic``: record why, for the next acquisition."""
+        self._acquire_reasons[topic] = reason
+        self.stream(topic)
+        self.kick()
+
+    # -- reconcile ---------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        seen = -1
+        while True:
+            self._kick.clear()
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile pass failed; retrying")
+                await asyncio.sleep(0.5)
+            kick = asyncio.ensure_future(self._kick.wait())
+            change = asyncio.ensure_future(self.coordinator.wait_changed(seen, _TICK))
+            done, pending = await asyncio.wait({kick, change}, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if change in done:
+                seen = change.result()
+
+    async def reconcile(self) -> None:
+        view = self.coordinator.view
+        for topic, owner in list(view.owners.items()):
+            if self.coordinator.holds(owner) and self.registry.get(topic) is None:
+                try:
+                    self.stream(topic)  # owned but unknown here: adopt, then decide below
+                except TopicError:
+                    await self.coordinator.release(topic, owner.epoch)
+        for stream in self.registry:
+            try:
+                await self.reconcile_topic(stream)
+            except CoordinatorError as exc:
+                log.debug("reconcile deferred topic=%s: %s", stream.topic, exc)
+            except Exception:
+                log.exception("reconcile failed topic=%s", stream.topic)
+
+    def facts(self, stream: TopicStream) -> tuple[reconcile.TopicFacts, reconcile.ClusterFacts]:
+        topic = stream.topic
+        running = self._pollers.get(topic)
+        owner = self.coordinator.view.owners.get(topic)
+        holds = self.coordinator.holds(owner)
+        present = self.coordinator.view.presence.get(topic, set())
+        facts = reconcile.TopicFacts(
+            local=bool(stream.local),
+            followers=bool(stream.remote),
+            polling_epoch=running[0].epoch if running is not None else None,
+            following=self.follower.following(topic) if self.follower is not None else None,
+            presence_written=stream.presence_written,
+            empty_since=stream.empty_since,
+            cluster_empty_since=stream.cluster_empty_since,
+            orphan_since=stream.orphan_since,
+        )
+        cluster = reconcile.ClusterFacts(
+            node_id=self.node_id,
+            owner=owner,
+            holds=holds,
+            can_publish=holds and owner is not None and self.coordinator.can_publish(topic, owner.epoch),
+            presence_elsewhere=bool(present - {self.node_id}),
+            draining=self.draining,
+        )
+        return facts, cluster
+
+    async def reconcile_topic(self, stream: TopicStream) -> None:
+        for _attempt in range(2):  # a second pass right after a successful acquisition starts the poller
+            facts, cluster = self.facts(stream)
+            decision = reconcile.decide(facts, cluster, time.monotonic(), self._timing)
+            stream.role, stream.owner_node = decision.role, decision.owner_node
+            if decision.owner_node is not None:
+                stream.last_owner = decision.owner_node
+            stream.cluster_empty_since, stream.orphan_since = decision.cluster_empty_since, decision.orphan_since
+            acquired = False
+            for action in decision.actions:
+                acquired = await self._execute(stream, action, cluster) or acquired
+            if not acquired:
+                return
+
+    async def _execute(self, stream: TopicStream, action: reconcile.Action, cluster: reconcile.ClusterFacts) -> bool:
+        """Do one action; True if it acquired the topic (the decision is then taken again)."""
+        topic = stream.topic
+        if isinstance(action, reconcile.SetPresence):
+            try:
+                await self.coordinator.set_presence(topic, action.present)
+            except CoordinatorError as exc:
+                log.debug("presence write deferred topic=%s: %s", topic, exc)
+            else:
+                stream.presence_written = action.present
+        elif isinstance(action, reconcile.StopPoller):
+            await self._stop_poller(topic, release=action.release, why=action.why)
+        elif isinstance(action, reconcile.StartPoller):
+            self._start_poller(stream, action.epoch)
+        elif isinstance(action, reconcile.DropFollowers):
+            self._drop_followers(stream, action.why)
+        elif isinstance(action, reconcile.Acquire):
+            reason = self._acquire_reasons.pop(topic, None) or self._acquire_reason(action.why, stream)
+            record = await self.coordinator.acquire(topic, reason=reason)
+            if record is not None and self.coordinator.holds(record):
+                log.info("acquired topic=%s epoch=%d (%s)", topic, record.epoch, reason)
+                stream.record("acquired", node=self.node_id, epoch=record.epoch, reason=reason)
+                return True
+        elif isinstance(action, reconcile.Follow):
+            if self.follower is not None:
+                await self.follower.follow(stream, action.owner)
+        elif isinstance(action, reconcile.Unfollow):
+            if self.follower is not None:
+                await self.follower.unfollow(topic)
+        elif isinstance(action, reconcile.Forget):
+            self.registry.remove(topic)
+            self._acquire_reasons.pop(topic, None)
+        return False
+
+    def _acquire_reason(self, why: str, stream: TopicStream) -> str:
+        """Name the previous owner when there was one: a takeover, not a first acquisition."""
+        if stream.last_owner and stream.last_owner != self.node_id:
+            return f"owner gone (was {stream.last_owner})"
+        return why
+
+    def _start_poller(self, stream: TopicStream, epoch: int) -> None:
+        try:
+            stream.begin_epoch(epoch)
+        except FencedError as exc:
+            log.warning("not polling: %s", exc)
+            return
+        poller = Poller(
+            stream=stream,
+            epoch=epoch,
+            query=self._run_query,
+            database=self.settings.database,
+            can_publish=self.coordinator.can_publish,
+        )
+        task = self.spawn(poller.run(), name=f"poller {stream.topic}")
+        task.add_done_callback(lambda done, topic=stream.topic: self._poller_done(topic, done))
+        self._pollers[stream.topic] = (poller, task)
+
+    async def _run_query(self, stream: TopicStream):
+        assert self.database.pool is not None
+        return await run_feed_query(self.database.pool, stream.feed, stream.param)
+
+    def _poller_done(self, topic: str, task: asyncio.Task) -> None:
+        current = self._pollers.get(topic)
+        if current is not None and current[1] is task:
+            del self._pollers[topic]
+            self.kick()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("poller crashed topic=%s", topic, exc_info=task.exception())
+
+    async def _stop_poller(self, topic: str, *, release: bool, why: str) -> None:
+        entry = self._pollers.pop(topic, None)
+        stream = self.registry.get(topic)
+        if entry is not None:
+            poller, task = entry
+            log.info("stopping poller topic=%s epoch=%d: %s", topic, poller.epoch, why)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        owner = self.coordinator.view.owners.get(topic)
+        if release and self.coordinator.holds(owner):
+            try:
+                await self.coordinator.release(topic, owner.epoch)
+            except CoordinatorError as exc:
+                log.warning("release failed topic=%s: %s", topic, exc)
+            else:
+                if stream is not None:
+                    stream.record("released", node=self.node_id, epoch=owner.epoch, reason=why)
+        elif entry is not None and stream is not None:
+            stream.record("stopped", node=self.node_id, epoch=entry[0].epoch, reason=why)
+
+    def _drop_followers(self, stream: TopicStream, why: str) -> None:
+        if stream.remote:
+            log.info("dropping %d follower(s) topic=%s: %s", len(stream.remote), stream.topic, why)
+        for receiver in list(stream.remote):
+            receiver.drop_topic(stream.topic)  # followers look for the next owner
+        stream.remote.clear()
+
+    # -- reading -----------------------------------------------------------
+
+    def running_pollers(self) -> dict[str, int]:
+        return {topic: poller.epoch for topic, (poller, _task) in self._pollers.items()}
+
+    async def database_health(self) -> tuple[bool, str]:
+        return await self.database.health()

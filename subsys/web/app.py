@@ -1,0 +1,123 @@
+"""The node's aiohttp application and its process lifecycle.
+
+``make_app`` wires routes and ties the node to the app's life
+(``cleanup_ctx``); ``async_run`` serves until SIGTERM/SIGINT or a stop
+event, then shuts down in order (docs/cluster.md, "Shutdown and drain"):
+stop listening, hand owned topics off, keep answering client frames while
+queued data flushes (subscribes get ``shutting_down``, pings a ``pong``),
+close clients with 1001 and peer links, leave the cluster, close the
+database pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from subsys import __version__
+from subsys.config import Settings
+from subsys.coordinator.base import Coordinator
+from subsys.coordinator.embedded import EmbeddedCoordinator
+from subsys.node.node import Node
+from subsys.web.appkeys import NODE, PEERS
+from subsys.web.health import EXTRA_COLLECTORS, add_health_routes
+from subsys.web.ws import close_all, websocket_handler
+
+__all__ = ["make_app", "make_coordinator", "async_run", "new_incarnation", "graceful_stop"]
+
+log = logging.getLogger(__name__)
+
+
+def new_incarnation() -> str:
+    """Names this process among all processes that ever ran as this node id."""
+    return secrets.token_hex(6)
+
+
+def make_coordinator(settings: Settings, *, incarnation: str) -> Coordinator:
+    if settings.uses_consul:
+        from subsys.coordinator.consul.coordinator import ConsulCoordinator
+
+        return ConsulCoordinator(settings=settings, incarnation=incarnation, version=__version__)
+    return EmbeddedCoordinator(
+        node_id=settings.node_id, address=settings.advertise_url, incarnation=incarnation, version=__version__
+    )
+
+
+def make_app(settings: Settings, *, coordinator: Coordinator | None = None) -> web.Application:
+    incarnation = coordinator.incarnation if coordinator is not None else new_incarnation()
+    app = web.Application(client_max_size=1024 * 1024)
+    node = Node(
+        settings=settings,
+        coordinator=coordinator or make_coordinator(settings, incarnation=incarnation),
+        incarnation=incarnation,
+    )
+    app[NODE] = node
+    app[EXTRA_COLLECTORS] = []
+    app.router.add_get("/ws", websocket_handler)
+    add_health_routes(app)
+    if settings.uses_consul:
+        from subsys.web.peer import setup_peer_link
+
+        setup_peer_link(app, node)
+    app.cleanup_ctx.append(_node_ctx)
+    app.on_shutdown.append(graceful_stop)
+    return app
+
+
+async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
+    node = app[NODE]
+    await node.start()
+    log.info(
+        "node %s up (incarnation %s): coordinator=%s feeds=%s",
+        node.node_id, node.incarnation, node.coordinator.kind, ", ".join(node.settings.feeds),
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        await node.close()
+        log.info("node %s stopped", node.node_id)
+
+
+async def graceful_stop(app: web.Application) -> None:
+    """Hand off, flush and close clients (1001) and peer links. Idempotent.
+
+    Runs before aiohttp's own shutdown, which stops reading every connection:
+    until then, clients still get answers.
+    """
+    node = app[NODE]
+    if node.shutting_down and not node.clients and (PEERS not in app or not app[PEERS].inbound):
+        return
+    node.shutting_down = True
+    released = await node.handoff(why="shutdown")
+    if released:
+        log.info("handed off %d topic(s)", released)
+    await close_all(set(node.clients))
+    if PEERS in app:
+        await app[PEERS].close_inbound()
+
+
+async def async_run(settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
+    stop = stop or asyncio.Event()
+    if install_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    app = make_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.node.host, settings.node.port, reuse_address=True)
+        await site.start()
+        log.info("listening on http://%s:%d (ws /ws, health /health)", settings.node.host, settings.node.port)
+        await stop.wait()
+        log.info("shutting down")
+        await site.stop()  # no new connections; the open ones are still served
+        await graceful_stop(app)
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,261 @@
+"""The client WebSocket endpoint ``/ws`` (protocol v1, docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from subsys.config import LimitsConfig
+from subsys.core.encoding import dumps
+from subsys.core.errors import ProtocolError, SubsysError
+from subsys.core.protocol import PROTOCOL_VERSION, Publication, error_frame, parse_client_frame
+from subsys.node.node import Node
+from subsys.web.appkeys import NODE
+from subsys.web.outbox import Outbox, SendFailed
+
+__all__ = ["ClientConnection", "websocket_handler", "close_all", "CLOSE_SLOW_CONSUMER"]
+
+log = logging.getLogger(__name__)
+
+# Application close code (4000-4999 range) for a client that did not read for limits.send_timeout.
+CLOSE_SLOW_CONSUMER = 4008
+_ids = itertools.count(1)
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class ClientConnection:
+    """One client socket: its subscriptions, its limits and its outbox."""
+
+    def __init__(self, *, ws: web.WebSocketResponse, node: Node, limits: LimitsConfig, peer: str) -> None:
+        self.id = next(_ids)
+        self.ws = ws
+        self.node = node
+        self.limits = limits
+        self.peer = peer
+        self.topics: set[str] = set()
+        self.connected_at = time.time()
+        self._bucket = _TokenBucket(limits.messages_per_second, limits.message_burst)
+        self._rate_limited_told = 0.0
+        self.outbox = Outbox(
+            send=ws.send_str,
+            current=self._current,
+            limit=limits.send_queue,
+            send_timeout=limits.send_timeout,
+            # Every frame within the rate limit gets its reply, even a full burst sent at once.
+            control_limit=max(64, 2 * limits.message_burst),
+        )
+
+    def _current(self, topic: str) -> tuple[Publication | None, Publication | None]:
+        stream = self.node.registry.get(topic)
+        return stream.current() if stream is not None else (None, None)
+
+    def deliver(self, publication: Publication) -> None:
+        self.outbox.deliver(publication)
+
+    def _error(self, code: str, message: str, *, topic: str | None = None, ref: Any = None) -> None:
+        self.outbox.control(error_frame(code, message, topic=topic, ref=ref))
+
+    def _admit(self) -> bool:
+        """The rate limit, applied to every client frame (text, binary, oversized)."""
+        if self._bucket.take():
+            return True
+        now = time.monotonic()
+        if now - self._rate_limited_told >= 1.0:
+            self._rate_limited_told = now
+            self._error("rate_limited", f"more than {self.limits.messages_per_second:g} frames/s; frame dropped")
+        return False
+
+    def handle_binary(self) -> None:
+        if self._admit():
+            self._error("unsupported_frame", "binary frames are not part of protocol v1")
+
+    def handle_text(self, text: str) -> None:
+        if not self._admit():
+            return
+        if len(text.encode("utf-8", "surrogatepass")) > self.limits.max_frame_bytes:
+            self._error("frame_too_large", f"frame exceeds {self.limits.max_frame_bytes} bytes")
+            return
+        try:
+            frame = parse_client_frame(text)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message)
+            return
+        if frame.type == "ping":
+            self.outbox.control(dumps({"type": "pong", "ref": frame.ref} if frame.ref is not None else {"type": "pong"}))
+            return
+        assert frame.topic is not None
+        if frame.type == "subscribe":
+            self._subscribe(frame.topic, frame.ref)
+        else:
+            self._unsubscribe(frame.topic, frame.ref)
+
+    def _subscribe(self, topic: str, ref: Any) -> None:
+        node = self.node
+        if node.shutting_down or (node.draining and (node.follower is None or not node.coordinator.ready)):
+            # Alone (embedded) a draining node serves nothing new; in a cluster it follows the new owner.
+            self._error("shutting_down", "node is going away; reconnect to another node", topic=topic, ref=ref)
+            return
+        try:
+            name, _feed, _param = node.resolve(topic)
+        except SubsysError as exc:
+            self._error(exc.code, exc.message, topic=topic, ref=ref)
+            return
+        if name in self.topics:
+            self._error("already_subscribed", f"already subscribed to {name}", topic=name, ref=ref)
+            return
+        if len(self.topics) >= self.limits.max_subscriptions:
+            self._error(
+                "too_many_subscriptions",
+                f"at most {self.limits.max_subscriptions} subscriptions per connection",
+                topic=name,
+                ref=ref,
+            )
+            return
+        self.topics.add(name)
+        self.outbox.track(name)
+        stream = node.subscribe(self, name)
+        snapshot, status = stream.current()
+        if ref is not None:
+            self.outbox.control(dumps({"type": "subscribed", "topic": name, "ref": ref}))
+        if status is not None:
+            self.outbox.deliver(status)
+        if snapshot is not None:
+            self.outbox.deliver(snapshot)
+
+    def _unsubscribe(self, topic: str, ref: Any) -> None:
+        if topic not in self.topics:
+            self._error("not_subscribed", f"not subscribed to {topic}", topic=topic, ref=ref)
+            return
+        self.topics.discard(topic)
+        self.outbox.untrack(topic)
+        self.node.unsubscribe(self, topic)
+        frame: dict[str, Any] = {"type": "unsubscribed", "topic": topic}
+        if ref is not None:
+            frame["ref"] = ref
+        self.outbox.control(dumps(frame))
+
+    def detach(self) -> None:
+        for topic in list(self.topics):
+            self.node.unsubscribe(self, topic)
+        self.topics.clear()
+        self.outbox.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "since": self.connected_at,
+            "topics": len(self.topics),
+            "queued": self.outbox.queued(),
+            "sent": self.outbox.sent,
+            "overflows": self.outbox.overflows,
+        }
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    node = request.app[NODE]
+    limits = node.settings.limits
+    ws = web.WebSocketResponse(
+        heartbeat=limits.heartbeat,
+        # Frames up to 4x the limit are read and answered with frame_too_large; beyond that
+        # aiohttp closes with 1009 (message too big). aiohttp refuses a frame of exactly its
+        # max_msg_size, hence the +1: a frame of exactly 4x is still answered.
+        max_msg_size=limits.max_frame_bytes * 4 + 1,
+    )
+    await ws.prepare(request)
+    conn = ClientConnection(ws=ws, node=node, limits=limits, peer=request.remote or "?")
+    node.clients.add(conn)
+    conn.outbox.control(
+        dumps(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "node": node.node_id,
+                "limits": {
+                    "max_frame_bytes": limits.max_frame_bytes,
+                    "max_subscriptions": limits.max_subscriptions,
+                    "messages_per_second": limits.messages_per_second,
+                },
+            }
+        )
+    )
+    writer = asyncio.create_task(_run_writer(conn, ws), name=f"ws-writer-{conn.id}")
+    try:
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                conn.handle_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                conn.handle_binary()
+            elif msg.type == WSMsgType.ERROR:
+                log.info("client %s socket error: %s", conn.peer, ws.exception())
+                break
+    finally:
+        node.clients.discard(conn)
+        conn.detach()
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        if not ws.closed:
+            await ws.close()
+    return ws
+
+
+async def _run_writer(conn: ClientConnection, ws: web.WebSocketResponse) -> None:
+    """The connection's writer; owned (cancelled and awaited) by its handler."""
+    try:
+        await conn.outbox.run()
+    except SendFailed as exc:
+        # A send on a socket that is already closing (the client left, normally or not)
+        # is how a connection ends: nothing to report. aiohttp raises ConnectionResetError
+        # once the transport is closing, even before ws.closed is set.
+        if ws.closed or isinstance(exc.__cause__, ConnectionResetError):
+            log.debug("client socket closing; its writer stopped: %s", exc)
+        else:
+            log.warning("closing slow client socket %s: %s", conn.peer, exc)
+            await close_slow(ws, grace=conn.limits.send_timeout)
+    except Exception:
+        log.exception("client writer crashed; closing the socket")
+        await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+
+
+async def close_slow(ws: web.WebSocketResponse, *, grace: float) -> None:
+    """Close with 4008 behind what is already in flight, and give the client ``grace`` to read it.
+
+    The frames already handed to the socket cannot be taken back, so the close
+    frame follows them. A client that reads again within ``grace`` gets them and
+    then 4008; one that does not is cut off (1006).
+    """
+    try:
+        await asyncio.wait_for(ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"), grace)
+    except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        pass
+
+
+async def close_all(connections: set[ClientConnection], *, timeout: float = 2.0) -> None:
+    """Flush what is queued (still answering client frames), then close every client with 1001."""
+    deadline = time.monotonic() + timeout
+    while any(conn.outbox.queued() for conn in connections) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.gather(
+        *(conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down") for conn in list(connections)),
+        return_exceptions=True,
+    )

@@ -1,0 +1,296 @@
+"""Helpers shared by the node tests (no fixtures here: see conftest.py).
+
+Everything waits on conditions with generous timeouts; nothing asserts on
+how long something took, except lower bounds that a correct node cannot
+undercut (e.g. a grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+
+from subsys.client.ws import Client, TopicView
+from subsys.testing.nodes import to_toml  # noqa: F401  (conftest imports it from here)
+from subsys.testing.procs import free_port  # noqa: F401
+
+DEFAULT_TIMEOUT = 15.0
+
+
+# -- waiting ---------------------------------------------------------------
+
+
+async def eventually(
+    predicate: Callable[[], Any | Awaitable[Any]],
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = 0.05,
+    message: str = "",
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+            last_exc = None
+        except AssertionError as exc:  # predicates may assert to explain themselves
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last: {last_exc})" if last_exc else ""
+            raise AssertionError(f"condition not met within {timeout}s: {message or predicate}{detail}")
+        await asyncio.sleep(interval)
+
+
+# -- addresses and databases -------------------------------------------------
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URI naming another database (works for pgserver's unix-socket URIs)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+async def create_database(admin_url: str) -> str:
+    name = f"subsys_t_{uuid.uuid4().hex[:16]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except asyncpg.PostgresSyntaxError:  # PostgreSQL < 13
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
+
+
+async def db_execute(url: str, sql: str, *args: Any) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def db_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def db_fetchval(url: str, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+# -- WebSocket clients -------------------------------------------------------
+
+
+async def read_until(
+    read: Callable[[float], Awaitable[dict[str, Any]]],
+    predicate: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    seen: list[dict[str, Any]],
+    where: str = "",
+) -> dict[str, Any]:
+    """Read frames until one matches ``predicate``; fail naming the last frames seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no matching frame {where}within {timeout}s; got {seen[-5:]}")
+        frame = await read(remaining)
+        if predicate(frame):
+            return frame
+
+
+class Subscription:
+    """Reads one topic of a ``subsys.client.Client`` in the background and keeps every frame."""
+
+    def __init__(self, client: Client, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+        self.frames: list[dict[str, Any]] = []
+        self.view = TopicView()
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run(), name=f"sub {topic}")
+
+    async def _run(self) -> None:
+        try:
+            async for frame in self.client.subscribe(self.topic):
+                self.frames.append(frame)
+                self.view.apply(frame)
+                self._queue.put_nowait(frame)
+        finally:
+            self._queue.put_nowait(None)
+
+    async def next(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        frame = await asyncio.wait_for(self._queue.get(), timeout)
+        if frame is None:
+            raise AssertionError(f"subscription {self.topic} ended (close code {self.client.close_code})")
+        return frame
+
+    async def next_data(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """The next snapshot / resync / diff, skipping status frames."""
+        while True:
+            frame = await self.next(timeout)
+            if frame["type"] in ("snapshot", "resync", "diff"):
+                return frame
+
+    async def until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = DEFAULT_TIMEOUT) -> dict:
+        return await read_until(self.next, predicate, timeout, self.frames, f"on {self.topic} ")
+
+    def drain_nowait(self) -> list[dict[str, Any]]:
+        frames = []
+        while not self._queue.empty():
+            frame = self._queue.get_nowait()
+            if frame is not None:
+                frames.append(frame)
+        return frames
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+class RawClient:
+    """A bare aiohttp WebSocket: for frames the library client would never send."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session = session
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    @classmethod
+    async def connect(cls, url: str, **kwargs: Any) -> "RawClient":
+        session = aiohttp.ClientSession()
+        try:
+            ws = await session.ws_connect(url, **kwargs)
+        except BaseException:
+            await session.close()
+            raise
+        return cls(session, ws)
+
+    async def send(self, frame: Any) -> None:
+        await self.ws.send_str(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise AssertionError(f"expected a text frame, got {msg.type} {msg.data!r} {msg.extra!r}")
+        frame = json.loads(msg.data)
+        self.frames.append(frame)
+        return frame
+
+    async def until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = DEFAULT_TIMEOUT) -> dict:
+        return await read_until(self.recv, predicate, timeout, self.frames)
+
+    async def error(self, code: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+        """The next error frame; it must carry ``code``."""
+        frame = await self.until(lambda f: f.get("type") == "error", timeout)
+        assert frame["code"] == code, frame
+        assert frame.get("message"), frame
+        return frame
+
+    async def ping(self, ref: Any) -> None:
+        """Round trip a ping: proves the connection is open and the server still reads it."""
+        await self.send({"type": "ping", "ref": ref})
+        await self.until(lambda f: f.get("type") == "pong" and f.get("ref") == ref)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.session.close()
+
+
+def rows_by_key(rows: list[dict[str, Any]], key: str = "id") -> dict[Any, dict[str, Any]]:
+    return {row[key]: row for row in rows}
+
+
+# -- clusters of node processes ----------------------------------------------------
+
+
+class Watcher:
+    """A client on one node that records every frame and checks epochs never go back."""
+
+    def __init__(self, url: str, topic: str = "items:1", *, name: str = "") -> None:
+        self.url, self.topic, self.name = url, topic, name or url
+        self.frames: list[tuple[float, dict[str, Any]]] = []
+        self.epoch_regressions: list[tuple[int, int]] = []
+        self.duplicate_snapshots: list[tuple[int, int]] = []
+        self._max_epoch = 0
+        self._last: tuple[int, int] | None = None
+        self._ready = asyncio.Event()
+        self.task = asyncio.create_task(self._run(), name=f"watch {topic} on {self.name}")
+
+    async def _run(self) -> None:
+        from subsys.client.ws import connect
+
+        async with connect(self.url) as client:
+            async for frame in client.subscribe(self.topic):
+                kind, epoch = frame.get("type"), frame.get("epoch")
+                if kind in ("snapshot", "resync", "diff") and epoch is not None:
+                    if epoch < self._max_epoch:
+                        self.epoch_regressions.append((epoch, self._max_epoch))
+                    if kind in ("snapshot", "resync") and self._last == (epoch, frame["seq"]):
+                        self.duplicate_snapshots.append(self._last)
+                    self._max_epoch = max(self._max_epoch, epoch)
+                    self._last = (epoch, frame["seq"])
+                    self._ready.set()
+                self.frames.append((time.monotonic(), frame))
+
+    async def ready(self, timeout: float = 30) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    def data(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return [f for t, f in self.frames if t >= since and f.get("type") in ("snapshot", "resync", "diff")]
+
+    def rows(self) -> dict[int, dict[str, Any]]:
+        rows: dict[int, dict[str, Any]] = {}
+        for frame in self.data():
+            if frame["type"] in ("snapshot", "resync"):
+                rows = {row["id"]: row for row in frame["rows"]}
+            else:
+                for key in frame["deleted"]:
+                    rows.pop(key["id"], None)
+                for row in frame["inserted"] + frame["updated"]:
+                    rows[row["id"]] = row
+        return rows
+
+    def value_of(self, row_id: int, column: str = "v") -> Any:
+        row = self.rows().get(row_id)
+        return row[column] if row else None
+
+    @property
+    def max_epoch(self) -> int:
+        return self._max_epoch
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)

@@ -1,0 +1,80 @@
+"""The layout's rules, checked: import contracts on the installed layout, and where Consul's keys live.
+
+The import contracts (``[tool.importlinter]`` in pyproject.toml) are checked
+against the package as pip installs it, where ``cli/`` and ``console/`` are
+``subsys.cli`` and ``subsys.console``: that also proves the wheel layout
+(package mapping, ``consul/`` as package data) is right.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RUNTIME = ("core", "node", "coordinator", "web")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("installed")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
+         str(target), str(REPO)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return target
+
+
+def test_installed_layout_has_no_generic_top_level_packages(installed: Path) -> None:
+    tops = {
+        p.name for p in installed.iterdir()
+        if p.is_dir() and p.name != "bin" and not p.name.endswith((".dist-info", ".egg-info"))
+    }  # fmt: skip
+    assert tops == {"subsys"}, f"top-level packages installed: {sorted(tops)}"
+    assert (installed / "subsys" / "cli" / "main.py").is_file()
+    assert (installed / "subsys" / "console" / "__init__.py").is_file()
+    assert (installed / "subsys" / "_consul" / "install.sh").is_file(), "consul/ ships as package data"
+
+
+def test_import_contracts_hold(installed: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint), str(REPO / "pyproject.toml"), "--no-cache"],
+        cwd=installed, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "broken" not in result.stdout.lower() or "0 broken" in result.stdout.lower(), result.stdout
+
+
+def test_only_the_consul_package_knows_the_key_layout() -> None:
+    """Nothing outside subsys/coordinator/consul/ builds Consul key names."""
+    pattern = re.compile(r"""["'{}/](owners|presence|nodes)/""")
+    consul_room = REPO / "subsys" / "coordinator" / "consul"
+    offenders = []
+    for path in [*REPO.glob("subsys/**/*.py"), *REPO.glob("cli/**/*.py"), *REPO.glob("console/**/*.py"),
+                 *REPO.glob("tests/**/*.py")]:  # fmt: skip
+        if consul_room in path.parents or path == Path(__file__).resolve():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_runtime_reads_no_private_module_of_another_room() -> None:
+    """Rooms talk through public names: no ``from subsys.<room>._x import`` across rooms."""
+    offenders = []
+    for room in RUNTIME:
+        for path in (REPO / "subsys" / room).rglob("*.py"):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                match = re.match(r"\s*from subsys\.(\w+)\.(_\w+)", line)
+                if match and match.group(1) != room:
+                    offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
