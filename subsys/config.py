@@ -56,6 +56,7 @@ class NodeConfig:
     grace_period: float = 5.0
     log_format: str = "human"
     log_level: str = "INFO"
+    event_loop: str = "asyncio"  # asyncio | uvloop
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class DatabaseConfig:
     max_pool: int = 10
     retry_initial: float = 0.2
     retry_max: float = 5.0
+    merged_polling: bool = True  # one statement per feed per tick for all its owned topics
+    batch_size: int = 100  # topics per merged statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class LimitsConfig:
     send_queue: int = 1_000
     send_timeout: float = 10.0
     heartbeat: float = 20.0
+    compression: str = "off"  # off | deflate (permessage-deflate, when the client offers it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,7 @@ class ConsulConfig:
     lock_delay: float = 0.5
     wait: float = 30.0
     datacenter: str = ""
+    fast_failover: bool = True  # destroy a provably dead owner's session before its check TTL runs out
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +281,8 @@ def _complete_node(node: NodeConfig, source: str) -> NodeConfig:
     advertise = node.advertise_url or f"http://{host}:{node.port}"
     if node.log_format not in ("human", "json"):
         raise ConfigError("must be 'human' or 'json'", source=source, key="node.log_format")
+    if node.event_loop not in ("asyncio", "uvloop"):
+        raise ConfigError("must be 'asyncio' or 'uvloop'", source=source, key="node.event_loop")
     if node.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL", source=source, key="node.log_level")
     return dataclasses.replace(node, node_id=node_id, advertise_url=advertise.rstrip("/"))
@@ -301,6 +308,8 @@ def _check_ranges(node, database, limits, consul, source: str) -> None:
         ("limits.send_queue", limits.send_queue >= 8, "must be >= 8"),
         ("limits.send_timeout", limits.send_timeout > 0, "must be > 0"),
         ("limits.heartbeat", limits.heartbeat > 0, "must be > 0"),
+        ("limits.compression", limits.compression in ("off", "deflate"), "must be 'off' or 'deflate'"),
+        ("database.batch_size", 1 <= database.batch_size <= 10_000, "must be 1-10000"),
         ("consul.check_ttl", consul.check_ttl >= 2, "must be >= 2 (seconds)"),
         ("consul.lock_delay", 0 <= consul.lock_delay <= 60, "must be 0-60 (seconds)"),
         ("consul.wait", 1 <= consul.wait <= 600, "must be 1-600 (seconds)"),
