@@ -57,6 +57,9 @@ class NodeConfig:
     log_format: str = "human"
     log_level: str = "INFO"
     event_loop: str = "asyncio"  # asyncio | uvloop
+    admin_host: str = ""  # a separate listener for /admin/v1 (default: the node's own host)
+    admin_port: int = 0  # 0: the admin API is on the node's port; else only on this port
+    admin_insecure: bool = False  # dev only: the admin API without a token (announced loudly)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,8 @@ class Settings:
     source: str = "<defaults>"
     # Secrets: never printed (see __repr__).
     cluster_secret: str = field(default="", repr=False)
-    admin_token: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False)  # operator role
+    admin_read_token: str = field(default="", repr=False)  # read role
     consul_token: str = field(default="", repr=False)
 
     @property
@@ -132,12 +136,16 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "CONSUL_HTTP_ADDR": ("consul", "address"),
     "SUBSYS_CONSUL_PREFIX": ("consul", "prefix"),
     "SUBSYS_CONSUL_CHECK_TTL": ("consul", "check_ttl"),
+    "SUBSYS_ADMIN_INSECURE": ("node", "admin_insecure"),
+    "SUBSYS_ADMIN_PORT": ("node", "admin_port"),
 }
 _SECRET_ENV = {
     "SUBSYS_CLUSTER_SECRET": "cluster_secret",
     "SUBSYS_ADMIN_TOKEN": "admin_token",
+    "SUBSYS_ADMIN_READ_TOKEN": "admin_read_token",
     "CONSUL_HTTP_TOKEN": "consul_token",
 }
+_SECRET_NAMES = ("cluster_secret", "admin_token", "admin_read_token", "consul_token")
 _SECTIONS = {
     "node": NodeConfig,
     "database": DatabaseConfig,
@@ -195,14 +203,14 @@ def load_settings(
     _check_ranges(node, sections["database"], sections["limits"], consul, source)
 
     secrets = _table(raw, "secrets", source)
-    unknown_secrets = set(secrets) - {"cluster_secret", "admin_token", "consul_token"}
+    unknown_secrets = set(secrets) - set(_SECRET_NAMES)
     if unknown_secrets:
         raise ConfigError(
-            f"unknown key(s): {', '.join(sorted(unknown_secrets))} (known: cluster_secret, admin_token, consul_token)",
+            f"unknown key(s): {', '.join(sorted(unknown_secrets))} (known: {', '.join(_SECRET_NAMES)})",
             source=source,
             key="secrets",
         )
-    secret_values = {name: str(secrets.get(name, "")) for name in ("cluster_secret", "admin_token", "consul_token")}
+    secret_values = {name: str(secrets.get(name, "")) for name in _SECRET_NAMES}
     for var, name in _SECRET_ENV.items():
         if env.get(var):
             secret_values[name] = env[var]
@@ -291,6 +299,7 @@ def _complete_node(node: NodeConfig, source: str) -> NodeConfig:
 def _check_ranges(node, database, limits, consul, source: str) -> None:
     checks = [
         ("node.port", 0 <= node.port <= 65535, "must be 0-65535"),
+        ("node.admin_port", 0 <= node.admin_port <= 65535, "must be 0-65535 (0: on the node's port)"),
         ("node.grace_period", node.grace_period >= 0, "must be >= 0"),
         (
             "database.url",

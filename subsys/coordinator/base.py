@@ -25,7 +25,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OwnerRecord", "NodeRecord", "ClusterView", "Coordinator"]
+__all__ = ["OwnerRecord", "NodeRecord", "Reservation", "ClusterView", "Coordinator", "HANDOFF_HOLD"]
+
+HANDOFF_HOLD = 10.0  # seconds a handed-off topic waits for its chosen node before anyone may take it
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,27 @@ class NodeRecord:
     started: float = 0.0
     incarnation: str = ""
     holder: str = ""
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A released topic kept for one node for a moment (a forced failover, a drain, a shutdown).
+
+    Until ``until`` (wall clock) only ``for_node`` takes the topic, whether or
+    not it has subscribers, so a handoff lands where it was meant to and its
+    old owner does not take it straight back.
+    """
+
+    topic: str
+    for_node: str
+    until: float
+    reason: str = ""
+    from_node: str = ""
+    from_epoch: int = 0
+
+    def active(self, now: float) -> bool:
+        return now < self.until
 
 
 @dataclass(slots=True)
@@ -55,6 +78,7 @@ class ClusterView:
     owners: dict[str, OwnerRecord] = field(default_factory=dict)
     presence: dict[str, set[str]] = field(default_factory=dict)
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    reservations: dict[str, Reservation] = field(default_factory=dict)
 
 
 class Coordinator(abc.ABC):
@@ -111,8 +135,14 @@ class Coordinator(abc.ABC):
         """Try to take the topic's owner key (recording ``reason``); ``None`` if someone else holds it."""
 
     @abc.abstractmethod
-    async def release(self, topic: str, epoch: int) -> None:
-        """Give the key back if this node still holds it at ``epoch``."""
+    async def release(self, topic: str, epoch: int, *, to: str | None = None, reason: str = "") -> bool:
+        """Give the key back if this node still holds it at ``epoch``; True if it did.
+
+        ``to``: keep the topic for that node for ``HANDOFF_HOLD`` seconds (see ``Reservation``).
+        """
+
+    async def set_draining(self, draining: bool) -> None:
+        """Tell the cluster this node is draining (others stop choosing it for handoffs)."""
 
     @abc.abstractmethod
     def can_publish(self, topic: str, epoch: int) -> bool:

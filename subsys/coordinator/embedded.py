@@ -9,10 +9,11 @@ its grace and taken again starts a new epoch, and its clients see a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 
-from subsys.coordinator.base import Coordinator, NodeRecord, OwnerRecord
+from subsys.coordinator.base import HANDOFF_HOLD, Coordinator, NodeRecord, OwnerRecord, Reservation
 
 __all__ = ["EmbeddedCoordinator"]
 
@@ -53,18 +54,34 @@ class EmbeddedCoordinator(Coordinator):
         current = self.view.owners.get(topic)
         if current is not None:
             return current if self.holds(current) else None
+        reservation = self.view.reservations.get(topic)
+        if reservation is not None and reservation.active(time.time()) and reservation.for_node != self.node_id:
+            return None
         record = OwnerRecord(
             topic, self.node_id, self.address, epoch=next(self._epochs), since=time.time(),
             holder=self.holder_id, incarnation=self.incarnation, reason=reason,
         )  # fmt: skip
         self.view.owners[topic] = record
+        self.view.reservations.pop(topic, None)
         await self._notify()
         return record
 
-    async def release(self, topic: str, epoch: int) -> None:
+    async def release(self, topic: str, epoch: int, *, to: str | None = None, reason: str = "") -> bool:
         current = self.view.owners.get(topic)
-        if current is not None and current.epoch == epoch and self.holds(current):
-            del self.view.owners[topic]
+        if current is None or current.epoch != epoch or not self.holds(current):
+            return False
+        del self.view.owners[topic]
+        if to is not None:
+            self.view.reservations[topic] = Reservation(
+                topic, to, time.time() + HANDOFF_HOLD, reason, self.node_id, epoch
+            )
+        await self._notify()
+        return True
+
+    async def set_draining(self, draining: bool) -> None:
+        record = self.view.nodes.get(self.node_id)
+        if record is not None:
+            self.view.nodes[self.node_id] = dataclasses.replace(record, draining=draining)
             await self._notify()
 
     def can_publish(self, topic: str, epoch: int) -> bool:

@@ -8,7 +8,7 @@ its internals for these facts.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from subsys.node.node import Node
 from subsys.node.stream import TopicStream
@@ -76,9 +76,13 @@ def node_report(node: Node) -> dict[str, Any]:
     }
 
 
-def local_state(node: Node, *, topics: bool = True) -> dict[str, Any]:
-    """What a peer answers when the admin API asks for this node's facts."""
+def local_state(
+    node: Node, *, topics: bool = True, extra: Iterable[Callable[[], dict[str, Any]]] | None = None
+) -> dict[str, Any]:
+    """What a node answers when the admin API asks for its own facts (``extra``: more sections)."""
     report = node_report(node)
     if topics:
         report["topic_reports"] = [topic_report(node, stream) for stream in node.registry]
+    for provide in extra or ():
+        report.update(provide())
     return report

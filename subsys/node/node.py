@@ -80,25 +80,74 @@ class Node:
             log.critical("node control loops failed; the node is not ready", exc_info=True)
 
     async def handoff(self, *, why: str = "handoff") -> int:
-        """Release every owned topic so peers take over (drain, and first step of shutdown)."""
+        """Hand every owned topic to another node (drain, and the first step of shutdown).
+
+        Each topic is released *for* a chosen node (one with subscribers to it
+        if there is one), so it lands there at once instead of being raced for.
+        """
         self.draining = True
-        released = 0
-        for topic in list(self._pollers):
-            stream = self.registry.get(topic)
-            await self._stop_poller(topic, release=True, why=why)
-            if stream is not None:
-                self._drop_followers(stream, why)
-            released += 1
+        try:
+            await self.coordinator.set_draining(True)
+        except CoordinatorError as exc:
+            log.warning("could not announce the drain: %s", exc)
+        moved = 0
+        for topic, owner in list(self.coordinator.owned().items()):
+            target = self.handoff_target(topic)
+            if await self.hand_over(topic, owner.epoch, to=target, reason=why):
+                moved += 1
+        for topic in list(self._pollers):  # anything still polling without a key (fenced, lost)
+            await self._stop_poller(topic, release=False, why=why)
+        self.kick()
+        return moved
+
+    async def undrain(self) -> None:
+        self.draining = False
+        try:
+            await self.coordinator.set_draining(False)
+        except CoordinatorError as exc:
+            log.warning("could not announce the end of the drain: %s", exc)
+        self.kick()
+
+    def handoff_target(self, topic: str, *, exclude: frozenset[str] = frozenset()) -> str | None:
+        """Where a topic should go: a node with subscribers to it, else the least loaded live node."""
+        view = self.coordinator.view
+        excluded = {self.node_id, *exclude}
+        eligible = [n for n, rec in view.nodes.items() if n not in excluded and not rec.draining]
+        wanting = sorted(n for n in view.presence.get(topic, set()) if n in eligible)
+        if wanting:
+            return wanting[0]
+        if not eligible:
+            return None
+        load = {n: 0 for n in eligible}
+        for record in view.owners.values():
+            if record.node_id in load:
+                load[record.node_id] += 1
+        return min(sorted(load), key=load.__getitem__)
+
+    async def hand_over(self, topic: str, epoch: int, *, to: str | None, reason: str) -> bool:
+        """Stop polling ``topic`` and release it (at ``epoch`` only), kept for node ``to`` if given."""
+        stream = self.registry.get(topic)
+        entry = self._pollers.pop(topic, None)
+        if entry is not None:
+            log.info("handing over topic=%s epoch=%d to %s: %s", topic, epoch, to or "anyone", reason)
+            entry[1].cancel()
+            await asyncio.gather(entry[1], return_exceptions=True)
+        try:
+            released = await self.coordinator.release(topic, epoch, to=to, reason=reason)
+        except CoordinatorError as exc:
+            log.warning("release failed topic=%s: %s", topic, exc)
+            released = False
+        if stream is not None:
+            if released:
+                stream.record("released", node=self.node_id, epoch=epoch, reason=reason, to=to)
+            self._drop_followers(stream, reason)
         self.kick()
         return released
 
-    def undrain(self) -> None:
-        self.draining = False
-        self.kick()
-
     async def close(self) -> None:
         self.shutting_down = True
-        await self.handoff(why="shutdown")
+        if self.coordinator.owned() or self._pollers:
+            await self.handoff(why="shutdown")
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
@@ -219,8 +268,15 @@ class Node:
             can_publish=holds and owner is not None and self.coordinator.can_publish(topic, owner.epoch),
             presence_elsewhere=bool(present - {self.node_id}),
             draining=self.draining,
+            reserved_for=self._reserved_for(topic),
         )
         return facts, cluster
+
+    def _reserved_for(self, topic: str) -> str | None:
+        reservation = self.coordinator.view.reservations.get(topic)
+        if reservation is None or not reservation.active(time.time()):
+            return None
+        return reservation.for_node
 
     async def reconcile_topic(self, stream: TopicStream) -> None:
         for _attempt in range(2):  # a second pass right after a successful acquisition starts the poller
@@ -253,7 +309,12 @@ class Node:
         elif isinstance(action, reconcile.DropFollowers):
             self._drop_followers(stream, action.why)
         elif isinstance(action, reconcile.Acquire):
-            reason = self._acquire_reasons.pop(topic, None) or self._acquire_reason(action.why, stream)
+            reservation = self.coordinator.view.reservations.get(topic)
+            if cluster.reserved_for == self.node_id and reservation is not None:
+                why = reservation.reason or action.why
+                reason = f"{why} (from {reservation.from_node})" if reservation.from_node else why
+            else:
+                reason = self._acquire_reasons.pop(topic, None) or self._acquire_reason(action.why, stream)
             record = await self.coordinator.acquire(topic, reason=reason)
             if record is not None and self.coordinator.holds(record):
                 log.info("acquired topic=%s epoch=%d (%s)", topic, record.epoch, reason)
@@ -316,11 +377,11 @@ class Node:
         owner = self.coordinator.view.owners.get(topic)
         if release and self.coordinator.holds(owner):
             try:
-                await self.coordinator.release(topic, owner.epoch)
+                released = await self.coordinator.release(topic, owner.epoch, reason=why)
             except CoordinatorError as exc:
                 log.warning("release failed topic=%s: %s", topic, exc)
             else:
-                if stream is not None:
+                if released and stream is not None:
                     stream.record("released", node=self.node_id, epoch=owner.epoch, reason=why)
         elif entry is not None and stream is not None:
             stream.record("stopped", node=self.node_id, epoch=entry[0].epoch, reason=why)

@@ -59,6 +59,7 @@ class ClusterFacts:
     can_publish: bool  # ... and that was confirmed recently (the fencing gate)
     presence_elsewhere: bool  # another node has local subscribers
     draining: bool = False
+    reserved_for: str | None = None  # a handoff keeps the ownerless topic for this node for now
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,13 +186,19 @@ def decide(facts: TopicFacts, cluster: ClusterFacts, now: float, timing: Timing)
             actions.append(Unfollow())
         orphan_since = facts.orphan_since if facts.orphan_since is not None else now
         role, owner_node = "idle", None
-        if not cluster.draining:
-            if facts.local:
-                actions.append(Acquire("no owner"))
-                role = "acquiring"
-            elif cluster.presence_elsewhere and now - orphan_since >= timing.orphan_delay:
-                actions.append(Acquire("ownerless with subscribers elsewhere"))
-                role = "acquiring"
+        if cluster.draining:
+            pass
+        elif cluster.reserved_for == cluster.node_id:
+            actions.append(Acquire("handed over to this node"))
+            role = "acquiring"
+        elif cluster.reserved_for is not None:
+            pass  # kept for another node for a moment: a handoff, not a free-for-all
+        elif facts.local:
+            actions.append(Acquire("no owner"))
+            role = "acquiring"
+        elif cluster.presence_elsewhere and now - orphan_since >= timing.orphan_delay:
+            actions.append(Acquire("ownerless with subscribers elsewhere"))
+            role = "acquiring"
 
     if (
         role == "idle"

@@ -81,6 +81,7 @@ class LocalCluster:
         """``consul``: an already running Consul to use (and leave running), e.g. one per test module."""
         self.spec = spec
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._pg_tmp: tempfile.TemporaryDirectory | None = None
         self._given_workdir = workdir
         self.workdir = Path(workdir) if workdir is not None else Path()
         self.on_line = on_line  # (node name, line) for node output; else log files in the workdir
@@ -141,6 +142,9 @@ class LocalCluster:
                         await self.pg.stop()
                 finally:
                     self.pg = None
+                    if self._pg_tmp is not None:
+                        self._pg_tmp.cleanup()
+                        self._pg_tmp = None
                     if self._tmp is not None:
                         self._tmp.cleanup()
                         self._tmp = None
@@ -149,7 +153,12 @@ class LocalCluster:
 
     async def start_postgres(self) -> str:
         if not self.database_url:
-            data_dir = self.spec.pg_data_dir or self.workdir / "pg"
+            data_dir = self.spec.pg_data_dir
+            if data_dir is None:
+                # Not under the workdir: as root, pgserver runs PostgreSQL as another user, which
+                # must be able to reach the directory (a pytest tmp_path is 0700).
+                self._pg_tmp = tempfile.TemporaryDirectory(prefix="subsys-pg-", ignore_cleanup_errors=True)
+                data_dir = Path(self._pg_tmp.name) / "data"
             self.pg = EmbeddedPostgres(data_dir, report=self.report)
             await self.pg.start()
             if self.spec.database_name:

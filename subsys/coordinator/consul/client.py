@@ -20,6 +20,7 @@ running event loop: call :meth:`open` from a coroutine.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import json
 import urllib.parse
@@ -231,6 +232,24 @@ class ConsulClient:
 
     async def kv_acquire(self, key: str, session: str, value: Any) -> bool:
         return bool(await self._call("PUT kv", self.api.kv.put(key, json.dumps(value), acquire=session)))
+
+    async def kv_release_at(self, key: str, *, session: str, index: int, value: Any) -> bool:
+        """Release ``key`` held by ``session`` and set its value, only if its ModifyIndex is ``index``.
+
+        One transaction (check-index + unlock), so a release can never touch a later acquisition.
+        """
+        ops = [
+            {"KV": {"Verb": "check-index", "Key": key, "Index": int(index)}},
+            {"KV": {"Verb": "unlock", "Key": key, "Session": session,
+                    "Value": base64.b64encode(json.dumps(value).encode()).decode()}},
+        ]  # fmt: skip
+        try:
+            await self._call("PUT txn", self.api.txn.put(ops))
+        except CoordinatorError as exc:
+            if "409" in str(exc):  # the transaction was rolled back: someone else's acquisition now
+                return False
+            raise
+        return True
 
     async def kv_delete(self, key: str, *, cas: int | None = None) -> bool:
         return bool(await self._call("DELETE kv", self.api.kv.delete(key, cas=cas)))

@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from subsys.config import Settings
-from subsys.coordinator.base import Coordinator, OwnerRecord
+from subsys.coordinator.base import HANDOFF_HOLD, Coordinator, OwnerRecord
 from subsys.coordinator.consul import keys
 from subsys.coordinator.consul.client import ConsulClient, KVEntry, NotFound
 from subsys.coordinator.consul.view import apply_listing
@@ -73,6 +73,7 @@ class ConsulCoordinator(Coordinator):
         self._registered = False  # service and check are on the agent
         self._reregister = asyncio.Event()
         self._repeats = RepeatedLog(log)
+        self._draining = False
         self.sessions_reaped = 0  # predecessor sessions this process destroyed
 
     # -- state -----------------------------------------------------------------
@@ -298,7 +299,7 @@ class ConsulCoordinator(Coordinator):
             if key == self.keys.node(self.node_id):
                 value: dict[str, Any] = {
                     "node": self.node_id, "address": self.address, "version": self._version,
-                    "started": self._started, "incarnation": self.incarnation,
+                    "started": self._started, "incarnation": self.incarnation, "draining": self._draining,
                 }  # fmt: skip
             else:
                 topic, _node = self.keys.presence_parts(key)
@@ -374,14 +375,31 @@ class ConsulCoordinator(Coordinator):
             await self._notify()
         return record
 
-    async def release(self, topic: str, epoch: int) -> None:
-        # Delete only the acquisition we made (cas=epoch): never someone else's.
-        # An explicit delete imposes no lock-delay, so a peer takes over at once.
-        await self.client.kv_delete(self.keys.owner(topic), cas=epoch)
+    async def release(self, topic: str, epoch: int, *, to: str | None = None, reason: str = "") -> bool:
+        # Only the acquisition we made (checked at index=epoch): never someone else's.
+        # An explicit release imposes no lock-delay, so a peer takes over at once.
+        key = self.keys.owner(topic)
+        if to is None:
+            done = await self.client.kv_delete(key, cas=epoch)
+        elif self.session is None:
+            return False
+        else:
+            reserved = {
+                "node": self.node_id, "reserved_for": to, "until": time.time() + HANDOFF_HOLD,
+                "reason": reason, "from_epoch": epoch,
+            }  # fmt: skip
+            done = await self.client.kv_release_at(key, session=self.session, index=epoch, value=reserved)
         current = self.view.owners.get(topic)
-        if current is not None and current.epoch == epoch and self.holds(current):
+        if done and current is not None and current.epoch == epoch and self.holds(current):
             del self.view.owners[topic]
             await self._notify()
+        return done
+
+    async def set_draining(self, draining: bool) -> None:
+        self._draining = draining
+        self._pending.add(self.keys.node(self.node_id))
+        if self.session is not None:
+            await self._write_pending()
 
     def can_publish(self, topic: str, epoch: int) -> bool:
         owner = self.view.owners.get(topic)

@@ -8,7 +8,7 @@ nothing outside this package parses Consul's keys.
 
 from __future__ import annotations
 
-from subsys.coordinator.base import ClusterView, NodeRecord, OwnerRecord
+from subsys.coordinator.base import ClusterView, NodeRecord, OwnerRecord, Reservation
 from subsys.coordinator.consul.client import ConsulClient, KVEntry
 from subsys.coordinator.consul.keys import PARTS, KeyLayout
 
@@ -19,11 +19,22 @@ def apply_listing(view: ClusterView, keys: KeyLayout, part: str, entries: list[K
     """Rebuild one part of ``view`` from a listing of ``<prefix><part>/``; True if it changed."""
     if part == "owners":
         owners: dict[str, OwnerRecord] = {}
+        reservations: dict[str, Reservation] = {}
         for entry in entries:
-            if entry.session is None:
-                continue  # released, not yet deleted: nobody owns it
             value = entry.json() or {}
             topic = keys.split("owners", entry.key)
+            if entry.session is None:
+                # Released: nobody owns it. A handoff leaves it reserved for one node for a moment.
+                if isinstance(value, dict) and value.get("reserved_for"):
+                    reservations[topic] = Reservation(
+                        topic=topic,
+                        for_node=str(value["reserved_for"]),
+                        until=float(value.get("until", 0) or 0),
+                        reason=str(value.get("reason", "")),
+                        from_node=str(value.get("node", "")),
+                        from_epoch=int(value.get("from_epoch", 0) or 0),
+                    )
+                continue
             owners[topic] = OwnerRecord(
                 topic=topic,
                 node_id=str(value.get("node", "?")),
@@ -34,8 +45,8 @@ def apply_listing(view: ClusterView, keys: KeyLayout, part: str, entries: list[K
                 incarnation=str(value.get("incarnation", "")),
                 reason=str(value.get("reason", "")),
             )
-        changed = owners != view.owners
-        view.owners = owners
+        changed = owners != view.owners or reservations != view.reservations
+        view.owners, view.reservations = owners, reservations
         return changed
     if part == "presence":
         presence: dict[str, set[str]] = {}
@@ -61,6 +72,7 @@ def apply_listing(view: ClusterView, keys: KeyLayout, part: str, entries: list[K
             started=float(value.get("started", 0) or 0),
             incarnation=str(value.get("incarnation", "")),
             holder=entry.session,
+            draining=bool(value.get("draining", False)),
         )
     changed = nodes != view.nodes
     view.nodes = nodes

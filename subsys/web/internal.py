@@ -1,0 +1,107 @@
+"""Node-to-node calls under ``/internal`` (cluster secret required), used by the admin API.
+
+Any node answers the admin API for the whole cluster: it asks each peer for
+its own facts (``GET /internal/state``) and asks the node concerned to act
+(hand a topic over, drain, undrain). The peer link (``/internal/peer``) is in
+:mod:`subsys.web.peer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from subsys.node.inspect import local_state
+from subsys.web.appkeys import HTTP, NODE
+from subsys.web.peer import authorised, peer_headers
+
+__all__ = ["setup_internal", "PeerClient", "PeerUnavailable"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PeerUnavailable(Exception):
+    """A peer did not answer (in time, or at all); the reason is the message."""
+
+
+def _guarded(handler: Handler) -> Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        node = request.app[NODE]
+        if not authorised(request, node.settings.cluster_secret):
+            log.warning("rejected internal call %s from %s: missing or wrong cluster secret", request.path, request.remote)
+            return web.json_response(
+                {"error": {"code": "unauthorized", "message": "internal calls need the cluster secret"}}, status=401
+            )
+        return await handler(request)
+
+    return guarded
+
+
+async def _state(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    topics = request.query.get("topics", "1") != "0"
+    return web.json_response(local_state(node, topics=topics, extra=request.app.get(STATE_EXTRAS)))
+
+
+async def _hand_over(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    body = await request.json()
+    released = await node.hand_over(
+        str(body["topic"]), int(body["epoch"]), to=body.get("to") or None, reason=str(body.get("reason", ""))
+    )
+    return web.json_response({"released": released})
+
+
+async def _drain(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    body = await request.json() if request.can_read_body else {}
+    moved = await node.handoff(why=str(body.get("reason", "drain")))
+    return web.json_response({"moved": moved, "draining": node.draining})
+
+
+async def _undrain(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    await node.undrain()
+    return web.json_response({"draining": node.draining})
+
+
+STATE_EXTRAS: web.AppKey[list] = web.AppKey("subsys_state_extras")
+
+
+def setup_internal(app: web.Application) -> None:
+    app.router.add_get("/internal/state", _guarded(_state))
+    app.router.add_post("/internal/hand-over", _guarded(_hand_over))
+    app.router.add_post("/internal/drain", _guarded(_drain))
+    app.router.add_post("/internal/undrain", _guarded(_undrain))
+    app.setdefault(STATE_EXTRAS, [])
+
+
+class PeerClient:
+    """Calls another node's ``/internal`` routes, with a short timeout and a reason when it fails."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    async def call(
+        self, address: str, method: str, path: str, *, json: Any = None, timeout: float = 2.0
+    ) -> dict[str, Any]:
+        node = self._app[NODE]
+        headers = peer_headers(node.settings.cluster_secret, node.node_id)
+        try:
+            async with self._app[HTTP].request(
+                method, address.rstrip("/") + path, json=json, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:  # fmt: skip
+                if resp.status != 200:
+                    raise PeerUnavailable(f"HTTP {resp.status} from {path}")
+                return await resp.json()
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"no answer within {timeout:g}s") from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise PeerUnavailable(f"{type(exc).__name__}: {exc}") from None
