@@ -14,7 +14,7 @@ either:
 * ``can_publish(topic, epoch)`` is the fencing gate: true only while the
   view says this node holds that epoch *and* that was confirmed recently.
 
-One contract test suite (tests/integration/test_coordinator_contract.py)
+One contract test suite (tests/cluster/test_coordinator_contract.py)
 runs against both implementations.
 """
 

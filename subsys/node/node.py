@@ -237,6 +237,18 @@ class Node:
                     self.stream(topic)  # owned but unknown here: adopt, then decide below
                 except TopicError:
                     await self.coordinator.release(topic, owner.epoch)
+        # Topics this node may have to take without a subscriber of its own: handed over to
+        # it, or wanted elsewhere with no owner (say, their only node is draining).
+        now = time.time()
+        adopt = {t for t, r in view.reservations.items() if r.for_node == self.node_id and r.active(now)}
+        if not self.draining:
+            adopt |= {t for t, nodes in view.presence.items() if t not in view.owners and nodes - {self.node_id}}
+        for topic in adopt:
+            if self.registry.get(topic) is None:
+                try:
+                    self.stream(topic)
+                except TopicError:
+                    log.debug("not adopting %s: not a topic of this node's feeds", topic)
         for stream in self.registry:
             try:
                 await self.reconcile_topic(stream)

@@ -139,14 +139,8 @@ def decide(facts: TopicFacts, cluster: ClusterFacts, now: float, timing: Timing)
             actions.append(StopPoller("draining", release=True))
             actions.append(DropFollowers("draining"))
             return Decision(tuple(actions), "idle", None, None, None)
-        if facts.polling_epoch != owner.epoch:
-            if facts.polling_epoch is not None:
-                actions.append(StopPoller("epoch changed"))
-            if cluster.can_publish:
-                actions.append(StartPoller(owner.epoch))
-            # else: ownership not confirmed recently (coordinator unreachable): wait, keep followers
-        if facts.following is not None:
-            actions.append(Unfollow())
+        # The grace comes first: a topic to release gets no poller started (and at
+        # once stopped again) in the same decision.
         if facts.local or cluster.presence_elsewhere:
             empty_since = None
         elif facts.cluster_empty_since is None:
@@ -157,6 +151,14 @@ def decide(facts: TopicFacts, cluster: ClusterFacts, now: float, timing: Timing)
             return Decision(tuple(actions), "idle", None, None, None)
         else:
             empty_since = facts.cluster_empty_since
+        if facts.polling_epoch != owner.epoch:
+            if facts.polling_epoch is not None:
+                actions.append(StopPoller("epoch changed"))
+            if cluster.can_publish:
+                actions.append(StartPoller(owner.epoch))
+            # else: ownership not confirmed recently (coordinator unreachable): wait, keep followers
+        if facts.following is not None:
+            actions.append(Unfollow())
         return Decision(tuple(actions), "owner", cluster.node_id, empty_since, None)
 
     # Not the owner (any more).
@@ -164,6 +166,7 @@ def decide(facts: TopicFacts, cluster: ClusterFacts, now: float, timing: Timing)
         actions.append(StopPoller("not the owner any more"))
     if facts.followers:
         actions.append(DropFollowers("not the owner"))
+    waiting_takeover = False  # ownerless with presence elsewhere: Acquire once orphan_delay is up
     wanted_here = facts.local or (facts.empty_since is not None and now - facts.empty_since < timing.grace)
 
     if owner is not None and owner.node_id == cluster.node_id:
@@ -184,7 +187,12 @@ def decide(facts: TopicFacts, cluster: ClusterFacts, now: float, timing: Timing)
     else:
         if facts.following is not None:
             actions.append(Unfollow())
-        orphan_since = facts.orphan_since if facts.orphan_since is not None else now
+        # The orphan timer runs only while the topic is orphaned: presence elsewhere and
+        # no owner. Started without presence, it would let this node take the topic the
+        # moment another node's first subscriber shows up, racing that node.
+        orphan_since = None
+        if cluster.presence_elsewhere:
+            orphan_since = facts.orphan_since if facts.orphan_since is not None else now
         role, owner_node = "idle", None
         if cluster.draining:
             pass
@@ -196,12 +204,16 @@ def decide(facts: TopicFacts, cluster: ClusterFacts, now: float, timing: Timing)
         elif facts.local:
             actions.append(Acquire("no owner"))
             role = "acquiring"
-        elif cluster.presence_elsewhere and now - orphan_since >= timing.orphan_delay:
+        elif orphan_since is not None and now - orphan_since >= timing.orphan_delay:
             actions.append(Acquire("ownerless with subscribers elsewhere"))
             role = "acquiring"
+        elif orphan_since is not None:
+            # A takeover candidate: keep the topic (and its timer) until the delay is up.
+            waiting_takeover = True
 
     if (
         role == "idle"
+        and not waiting_takeover
         and not facts.local
         and not facts.followers
         and (facts.empty_since is None or now - facts.empty_since >= timing.grace)

@@ -67,6 +67,7 @@ class ConsulCoordinator(Coordinator):
         self._started = time.time()
         self._presence: set[str] = set()  # topics this node wants presence for
         self._pending: set[str] = set()  # keys this session still has to write
+        self._released: dict[str, int] = {}  # topic -> epoch this process deleted (see _apply)
         self._state = "starting"
         self._last_error = ""
         self._closing = False
@@ -330,6 +331,7 @@ class ConsulCoordinator(Coordinator):
             backoff = 0.1
             if new_index < index or new_index <= 0:
                 index = 0  # the index went backwards (Consul restored or reset): start over
+                self._released.clear()  # epochs may repeat after a restore: forget what we released
             elif new_index == index:
                 # Woke without change (wait expired); avoid a hot loop if Consul answers at once.
                 if time.monotonic() - started < 0.05:
@@ -342,7 +344,25 @@ class ConsulCoordinator(Coordinator):
 
     def _apply(self, part: str, entries: list[KVEntry]) -> bool:
         """Rebuild one part of the view from a prefix listing; True if it changed."""
-        return apply_listing(self.view, self.keys, part, entries)
+        if part != "owners" or not self._released:
+            return apply_listing(self.view, self.keys, part, entries)
+        before = self.view.owners
+        apply_listing(self.view, self.keys, part, entries)
+        # A listing answered between an acquisition and its release can arrive after
+        # release() dropped the record from the view: it would put the released key
+        # back, held by us, and can_publish() would say yes again until the next
+        # listing (a poller could start and publish at an epoch another node may
+        # already have superseded). A key deleted at an epoch never comes back with
+        # it (a new acquisition has a higher ModifyIndex), so such a record is stale.
+        for topic, epoch in list(self._released.items()):
+            current = self.view.owners.get(topic)
+            if current is not None and current.epoch <= epoch:
+                del self.view.owners[topic]
+            else:
+                # The watch is one sequential loop: this listing was processed after the
+                # release, so every later one was asked for after the delete.
+                del self._released[topic]
+        return self.view.owners != before
 
     # -- ownership -----------------------------------------------------------------
 
@@ -389,6 +409,8 @@ class ConsulCoordinator(Coordinator):
                 "reason": reason, "from_epoch": epoch,
             }  # fmt: skip
             done = await self.client.kv_release_at(key, session=self.session, index=epoch, value=reserved)
+        if done:
+            self._released[topic] = max(epoch, self._released.get(topic, 0))
         current = self.view.owners.get(topic)
         if done and current is not None and current.epoch == epoch and self.holds(current):
             del self.view.owners[topic]
