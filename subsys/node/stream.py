@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
 
+from prometheus_client import Histogram
+
 from subsys.config import Feed
 from subsys.core.diff import Diff, Rows, apply_diff, compute_diff, index_rows, key_object, row_key
 from subsys.core.errors import FencedError
@@ -50,12 +52,25 @@ class PollStats:
     recent_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=60))
 
 
+FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 30.0)
+
+
+def _failover_histogram() -> Histogram:
+    return Histogram(
+        "subsys_failover_seconds",
+        "Gap in publishing when this node took a topic over: last data of the old epoch to the first"
+        " of the new one (kind: forced by an operator, or unforced)",
+        ["kind"], buckets=FAILOVER_BUCKETS, registry=None,
+    )  # fmt: skip
+
+
 @dataclass(slots=True)
 class StreamCounters:
     """Counters shared by a registry's streams (exported as metrics)."""
 
     fenced: int = 0  # publications refused for an older epoch
     duplicate_snapshots: int = 0  # follower snapshots identical to what the stream had
+    failover: Histogram = field(default_factory=_failover_histogram)
 
 
 @dataclass(eq=False)
@@ -146,6 +161,10 @@ class TopicStream:
             self._epoch_change = None
             gap = round((now - old_at) * 1000, 1) if old_at is not None else None
             self.record("epoch", from_epoch=old_epoch, to_epoch=self.epoch, gap_ms=gap)
+            if gap is not None and self.role == "owner":  # the node that took it over measures the gap
+                acquired = next((e for e in reversed(self.history) if e["event"] == "acquired"), {})
+                forced = str(acquired.get("reason", "")).startswith("forced failover")
+                self.counters.failover.labels(kind="forced" if forced else "unforced").observe(gap / 1000)
         self.last_data_at = now
 
     def publish_rows(self, rows: Rows, *, epoch: int) -> bool:

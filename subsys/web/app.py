@@ -25,7 +25,9 @@ from subsys.coordinator.base import Coordinator
 from subsys.coordinator.embedded import EmbeddedCoordinator
 from subsys.node.node import Node
 from subsys.web.appkeys import NODE, PEERS
+from subsys.web.admin import setup_admin
 from subsys.web.health import EXTRA_COLLECTORS, add_health_routes
+from subsys.web.internal import setup_internal
 from subsys.web.ws import close_all, websocket_handler
 
 __all__ = ["make_app", "make_coordinator", "async_run", "new_incarnation", "graceful_stop"]
@@ -64,6 +66,8 @@ def make_app(settings: Settings, *, coordinator: Coordinator | None = None) -> w
         from subsys.web.peer import setup_peer_link
 
         setup_peer_link(app, node)
+    setup_internal(app)
+    setup_admin(app)
     app.cleanup_ctx.append(_node_ctx)
     app.on_shutdown.append(graceful_stop)
     return app
@@ -112,12 +116,18 @@ async def async_run(settings: Settings, *, stop: asyncio.Event | None = None, in
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.node.host, settings.node.port, reuse_address=True)
-        await site.start()
-        log.info("listening on http://%s:%d (ws /ws, health /health)", settings.node.host, settings.node.port)
+        sites = [web.TCPSite(runner, settings.node.host, settings.node.port, reuse_address=True)]
+        if settings.node.admin_port:
+            admin_host = settings.node.admin_host or settings.node.host
+            sites.append(web.TCPSite(runner, admin_host, settings.node.admin_port, reuse_address=True))
+        for site in sites:
+            await site.start()
+        log.info("listening on http://%s:%d (ws /ws, health /health, admin %s)", settings.node.host,
+                 settings.node.port, f"on port {settings.node.admin_port}" if settings.node.admin_port else "/admin/v1")
         await stop.wait()
         log.info("shutting down")
-        await site.stop()  # no new connections; the open ones are still served
+        for site in sites:
+            await site.stop()  # no new connections; the open ones are still served
         await graceful_stop(app)
     finally:
         await runner.cleanup()

@@ -94,6 +94,7 @@ class _NodeCollector:
         )
         fenced.add_metric([nid], node.registry.counters.fenced)
         yield fenced
+        yield from node.registry.counters.failover.collect()
 
 
 def _gauge(name: str, doc: str, node_id: str, value: float) -> GaugeMetricFamily:

@@ -172,8 +172,15 @@ class ClientConnection:
         }
 
 
-async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
+    if node.draining or node.shutting_down:
+        # The load balancer should have stopped sending clients here (/health is 503): refuse, and say why.
+        return web.json_response(
+            {"error": {"code": "shutting_down" if node.shutting_down else "draining",
+                       "message": "this node takes no new clients; connect to another node"}},
+            status=503,
+        )  # fmt: skip
     limits = node.settings.limits
     ws = web.WebSocketResponse(
         heartbeat=limits.heartbeat,
