@@ -40,6 +40,19 @@ def setup_logging(*, fmt: str = "human", level: str = "INFO", node: str = "") ->
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_client_errors_without_tracebacks)
+
+
+def _client_errors_without_tracebacks(record: logging.LogRecord) -> bool:
+    """A malformed HTTP request is the client's fault: aiohttp answers 400 and logs it as an
+    ERROR with a traceback. Keep one warning line, so a log scan for tracebacks finds only bugs."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and type(exc).__name__ in ("BadHttpMessage", "BadStatusLine", "LineTooLong",
+                                                  "InvalidHeader", "BadHttpMethod", "InvalidURLError"):  # fmt: skip
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "rejected a malformed HTTP request: %s", (exc,)
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 class RepeatedLog:

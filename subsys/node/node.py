@@ -60,6 +60,8 @@ class Node:
         self._pollers: dict[str, tuple[Poller, asyncio.Task]] = {}
         self._acquire_reasons: dict[str, str] = {}  # an operator's reason for the next acquisition
         self._kick = asyncio.Event()
+        # One actor at a time on ownership: a reconcile pass, a handoff, a forced hand-over.
+        self._acting = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._supervisor: asyncio.Task | None = None
 
@@ -91,12 +93,13 @@ class Node:
         except CoordinatorError as exc:
             log.warning("could not announce the drain: %s", exc)
         moved = 0
-        for topic, owner in list(self.coordinator.owned().items()):
-            target = self.handoff_target(topic)
-            if await self.hand_over(topic, owner.epoch, to=target, reason=why):
-                moved += 1
-        for topic in list(self._pollers):  # anything still polling without a key (fenced, lost)
-            await self._stop_poller(topic, release=False, why=why)
+        async with self._acting:
+            for topic, owner in list(self.coordinator.owned().items()):
+                target = self.handoff_target(topic)
+                if await self._hand_over(topic, owner.epoch, to=target, reason=why):
+                    moved += 1
+            for topic in list(self._pollers):  # anything still polling without a key (fenced, lost)
+                await self._stop_poller(topic, release=False, why=why)
         self.kick()
         return moved
 
@@ -126,6 +129,10 @@ class Node:
 
     async def hand_over(self, topic: str, epoch: int, *, to: str | None, reason: str) -> bool:
         """Stop polling ``topic`` and release it (at ``epoch`` only), kept for node ``to`` if given."""
+        async with self._acting:
+            return await self._hand_over(topic, epoch, to=to, reason=reason)
+
+    async def _hand_over(self, topic: str, epoch: int, *, to: str | None, reason: str) -> bool:
         stream = self.registry.get(topic)
         entry = self._pollers.pop(topic, None)
         if entry is not None:
@@ -137,6 +144,8 @@ class Node:
         except CoordinatorError as exc:
             log.warning("release failed topic=%s: %s", topic, exc)
             released = False
+        if not released:
+            log.warning("could not release topic=%s at epoch %d (the key changed meanwhile)", topic, epoch)
         if stream is not None:
             if released:
                 stream.record("released", node=self.node_id, epoch=epoch, reason=reason, to=to)
@@ -230,6 +239,10 @@ class Node:
                 seen = change.result()
 
     async def reconcile(self) -> None:
+        async with self._acting:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
         view = self.coordinator.view
         for topic, owner in list(view.owners.items()):
             if self.coordinator.holds(owner) and self.registry.get(topic) is None:
@@ -315,7 +328,12 @@ class Node:
             else:
                 stream.presence_written = action.present
         elif isinstance(action, reconcile.StopPoller):
-            await self._stop_poller(topic, release=action.release, why=action.why)
+            owner = cluster.owner
+            if action.release and cluster.draining and owner is not None and cluster.holds:
+                # Draining: hand it to a chosen node rather than leave it to a race.
+                await self._hand_over(topic, owner.epoch, to=self.handoff_target(topic), reason=action.why)
+            else:
+                await self._stop_poller(topic, release=action.release, why=action.why)
         elif isinstance(action, reconcile.StartPoller):
             self._start_poller(stream, action.epoch)
         elif isinstance(action, reconcile.DropFollowers):

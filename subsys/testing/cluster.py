@@ -65,7 +65,8 @@ class ClusterSpec:
     log_level: str = "INFO"
     own_session: bool = False  # children in their own session (a terminal's Ctrl-C reaches only us)
     insecure_admin: bool = False  # start nodes with the admin API open (dev only)
-    admin_token: str | None = None  # SUBSYS_ADMIN_TOKEN for the nodes (operator role)
+    admin_token: str | None = None  # SUBSYS_ADMIN_TOKEN for the nodes (operator role; default: a fresh one)
+    admin_read_token: str | None = None  # SUBSYS_ADMIN_READ_TOKEN (read role; default: a fresh one)
 
 
 class LocalCluster:
@@ -89,6 +90,7 @@ class LocalCluster:
         self.prefix = spec.prefix or f"t{uuid.uuid4().hex[:8]}/"
         self.secret = spec.secret or secrets.token_urlsafe(24)
         self.admin_token = spec.admin_token or secrets.token_urlsafe(24)
+        self.admin_read_token = spec.admin_read_token or secrets.token_urlsafe(24)
         self.pg: EmbeddedPostgres | None = None
         self.database_url = spec.database_url or ""
         self.consul: ConsulCluster | None = consul
@@ -193,6 +195,7 @@ class LocalCluster:
             "DATABASE_URL": self.database_url,
             "SUBSYS_LOG_LEVEL": self.spec.log_level,
             "SUBSYS_ADMIN_TOKEN": self.admin_token,
+            "SUBSYS_ADMIN_READ_TOKEN": self.admin_read_token,
         }
         if self.spec.insecure_admin:
             env["SUBSYS_ADMIN_INSECURE"] = "1"

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import collections
 import json
+import logging
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Awaitable, TypeVar
@@ -35,6 +36,8 @@ from consul.callback import CB
 from subsys.core.errors import CoordinatorError, CoordinatorUnavailable
 
 __all__ = ["ConsulClient", "KVEntry", "NotFound", "normalise_address"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -247,6 +250,7 @@ class ConsulClient:
             await self._call("PUT txn", self.api.txn.put(ops))
         except CoordinatorError as exc:
             if "409" in str(exc):  # the transaction was rolled back: someone else's acquisition now
+                log.debug("release of %s at index %d refused: %s", key, index, exc)
                 return False
             raise
         return True
