@@ -60,6 +60,8 @@ class NodeConfig:
     admin_host: str = ""  # a separate listener for /admin/v1 (default: the node's own host)
     admin_port: int = 0  # 0: the admin API is on the node's port; else only on this port
     admin_insecure: bool = False  # dev only: the admin API without a token (announced loudly)
+    zombie_interval: float = 5.0  # seconds between zombie scans of the janitor node (0: no scans)
+    zombie_reap: bool = True  # the janitor fixes the zombies that are safe to fix on its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SUBSYS_CONSUL_CHECK_TTL": ("consul", "check_ttl"),
     "SUBSYS_ADMIN_INSECURE": ("node", "admin_insecure"),
     "SUBSYS_ADMIN_PORT": ("node", "admin_port"),
+    "SUBSYS_ZOMBIE_REAP": ("node", "zombie_reap"),
+    "SUBSYS_ZOMBIE_INTERVAL": ("node", "zombie_interval"),
 }
 _SECRET_ENV = {
     "SUBSYS_CLUSTER_SECRET": "cluster_secret",
@@ -301,6 +305,7 @@ def _check_ranges(node, database, limits, consul, source: str) -> None:
         ("node.port", 0 <= node.port <= 65535, "must be 0-65535"),
         ("node.admin_port", 0 <= node.admin_port <= 65535, "must be 0-65535 (0: on the node's port)"),
         ("node.grace_period", node.grace_period >= 0, "must be >= 0"),
+        ("node.zombie_interval", node.zombie_interval == 0 or node.zombie_interval >= 0.2, "must be 0 (off) or >= 0.2"),
         (
             "database.url",
             not database.url or database.url.split("://", 1)[0] in ("postgresql", "postgres"),

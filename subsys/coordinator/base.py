@@ -25,7 +25,18 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OwnerRecord", "NodeRecord", "Reservation", "ClusterView", "Coordinator", "HANDOFF_HOLD"]
+__all__ = [
+    "OwnerRecord",
+    "NodeRecord",
+    "Reservation",
+    "ClusterView",
+    "Coordinator",
+    "HANDOFF_HOLD",
+    "KeyFact",
+    "SessionFact",
+    "RegistrationFact",
+    "Records",
+]
 
 HANDOFF_HOLD = 10.0  # seconds a handed-off topic waits for its chosen node before anyone may take it
 
@@ -79,6 +90,47 @@ class ClusterView:
     presence: dict[str, set[str]] = field(default_factory=dict)
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFact:
+    """One coordinator key as stored (the zombie scan's raw material)."""
+
+    kind: str  # owner | presence | node
+    topic: str  # "" for node keys
+    node: str  # the node the key names (presence, node) or claims (owner)
+    holder: str | None  # the session holding it (None: released)
+    index: int  # its ModifyIndex: a reap deletes at exactly this index
+    value: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFact:
+    id: str
+    node: str  # the subsys node id its name claims
+    checks: tuple[str, ...]  # the health checks it is bound to
+    agent: str = ""  # the Consul agent (machine) it was created on
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationFact:
+    """A service registered on this node's local agent, with its checks' states."""
+
+    service_id: str
+    node: str
+    incarnation: str
+    checks: dict[str, str]  # check id -> passing | warning | critical
+
+
+@dataclass(slots=True)
+class Records:
+    """What the coordinator stores, read fresh, for cross-checking against the nodes' own facts."""
+
+    keys: list[KeyFact] = field(default_factory=list)
+    sessions: list[SessionFact] = field(default_factory=list)
+    check_status: dict[str, str] = field(default_factory=dict)  # every subsys check in the catalog
+    registrations: list[RegistrationFact] = field(default_factory=list)  # on this node's agent
+    complete: bool = True  # False: a part could not be read (the scan says so, and reaps nothing)
 
 
 class Coordinator(abc.ABC):
@@ -147,6 +199,28 @@ class Coordinator(abc.ABC):
     @abc.abstractmethod
     def can_publish(self, topic: str, epoch: int) -> bool:
         """The fencing gate, checked before every publish."""
+
+    # -- zombies: reading the raw records, and reaping with the evidence re-checked ----
+
+    async def records(self) -> Records:
+        """Everything this coordinator stores, read fresh (not the watched view)."""
+        return Records()
+
+    async def local_registrations(self) -> list[RegistrationFact]:
+        """This cluster's registrations on this node's own agent."""
+        return []
+
+    async def destroy_session_if(self, session: str, *, still_dead: Any) -> bool:
+        """Destroy ``session`` if ``still_dead(fresh session info)`` holds at the moment of acting."""
+        return False
+
+    async def delete_key_at(self, fact: KeyFact) -> bool:
+        """Delete the key of ``fact`` only if it is still at ``fact.index`` (cas)."""
+        return False
+
+    async def deregister_if(self, service_id: str, *, still_dead: Any) -> bool:
+        """Deregister a service of this node's agent if ``still_dead(fresh registration)`` holds."""
+        return False
 
     # -- presence ----------------------------------------------------------
 

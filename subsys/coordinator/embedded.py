@@ -13,7 +13,9 @@ import dataclasses
 import itertools
 import time
 
-from subsys.coordinator.base import HANDOFF_HOLD, Coordinator, NodeRecord, OwnerRecord, Reservation
+from subsys.coordinator.base import (
+    HANDOFF_HOLD, Coordinator, KeyFact, NodeRecord, OwnerRecord, Records, Reservation,
+)  # fmt: skip
 
 __all__ = ["EmbeddedCoordinator"]
 
@@ -97,3 +99,21 @@ class EmbeddedCoordinator(Coordinator):
         if not nodes:
             del self.view.presence[topic]
         await self._notify()
+
+    async def records(self) -> Records:
+        keys = [KeyFact("owner", t, r.node_id, r.holder, r.epoch, {"node": r.node_id}) for t, r in self.view.owners.items()]
+        keys += [KeyFact("presence", t, n, self.holder_id, 0) for t, nodes in self.view.presence.items() for n in nodes]
+        keys += [KeyFact("node", "", n, r.holder, 0) for n, r in self.view.nodes.items()]
+        return Records(keys=keys)
+
+    async def delete_key_at(self, fact: KeyFact) -> bool:
+        if fact.kind == "owner":
+            current = self.view.owners.get(fact.topic)
+            if current is not None and current.epoch == fact.index:
+                del self.view.owners[fact.topic]
+                await self._notify()
+                return True
+        elif fact.kind == "presence" and fact.node in self.view.presence.get(fact.topic, set()):
+            await self.set_presence(fact.topic, False)
+            return True
+        return False

@@ -31,6 +31,11 @@ __all__ = [
     "FailoverResult",
     "DrainResult",
     "Event",
+    "Zombie",
+    "ZombieList",
+    "ReapRequest",
+    "ReapOutcome",
+    "ReapResult",
     "TOPIC_SORT_KEYS",
     "TOPIC_STATES",
 ]
@@ -213,3 +218,49 @@ class Event(_Model):
     type: str = Field(description="snapshot | owner | presence | node | health")
     at: float
     data: dict[str, Any]
+
+
+class Zombie(_Model):
+    id: str = Field(description="kind:subject, stable while the zombie lasts")
+    kind: str
+    subject: str = Field(description="a topic, a session id, a service id, or topic@node")
+    nodes: list[str]
+    first_seen: float
+    scans: int = Field(description="consecutive scans that saw it")
+    evidence: dict[str, Any] = Field(description="which sources disagree, and how, with the values")
+    actions: list[dict[str, Any]] = Field(description="what a reap does")
+    auto: bool = Field(description="the janitor reaps this kind on its own")
+
+
+class ZombieList(_Partial):
+    zombies: list[Zombie]
+    scanned_at: float
+    janitor: str | None = Field(None, description="the node whose scans heal the cluster on their own")
+    auto_reap: bool
+    reaped: dict[str, int] = Field(default_factory=dict, description="zombies the janitor fixed, by kind")
+    kinds: dict[str, str] = Field(default_factory=dict, description="every kind, explained")
+
+
+class ReapRequest(_Model):
+    ids: list[str] | None = Field(None, description="reap these (default: every zombie matching the filters)")
+    kind: str | None = None
+    topic: str | None = None
+    node: str | None = None
+    dry_run: bool = False
+
+
+class ReapOutcome(_Model):
+    id: str
+    kind: str
+    subject: str
+    action: dict[str, Any]
+    done: bool
+    detail: str
+
+
+class ReapResult(_Model):
+    dry_run: bool
+    outcomes: list[ReapOutcome]
+    reaped: int
+    failed: int
+    skipped: int = Field(description="actions not taken because the evidence no longer held")

@@ -75,7 +75,8 @@ async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any) -> Rows:
+async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any, *, holder: Any = None) -> Rows:
+    """Run the feed's query for one parameter. ``holder.conn`` is the connection while it runs."""
     timeout = feed.statement_timeout
     try:
         conn = await pool.acquire(timeout=timeout)
@@ -85,11 +86,15 @@ async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any) -> Rows:
         raise PollError(f"database unavailable: no connection within {timeout:g}s", code="database_unavailable") from exc
     except Exception as exc:
         raise classify_error(exc) from exc
+    if holder is not None:
+        holder.conn = conn
     try:
         records = await conn.fetch(limited_sql(feed), param, timeout=timeout)
     except Exception as exc:
         raise classify_error(exc) from exc
     finally:
+        if holder is not None:
+            holder.conn = None
         await _release(pool, conn)
     if len(records) > feed.max_rows:
         raise PollError(f"result has more than max_rows={feed.max_rows} rows", code="row_limit_exceeded")

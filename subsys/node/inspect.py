@@ -8,7 +8,7 @@ its internals for these facts.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from subsys.node.node import Node
 from subsys.node.stream import TopicStream
@@ -64,6 +64,7 @@ def node_report(node: Node) -> dict[str, Any]:
         "failure": node.failure,
         "coordinator": coordinator,
         "pollers": node.running_pollers(),
+        "stuck_pollers": node.stuck_pollers(),
         "following": {
             s.topic: s.owner_node for s in streams if node.follower is not None and node.follower.following(s.topic)
         },
@@ -76,13 +77,9 @@ def node_report(node: Node) -> dict[str, Any]:
     }
 
 
-def local_state(
-    node: Node, *, topics: bool = True, extra: Iterable[Callable[[], dict[str, Any]]] | None = None
-) -> dict[str, Any]:
-    """What a node answers when the admin API asks for its own facts (``extra``: more sections)."""
+def local_state(node: Node, *, topics: bool = True) -> dict[str, Any]:
+    """What a node answers when the admin API asks for its own facts."""
     report = node_report(node)
     if topics:
         report["topic_reports"] = [topic_report(node, stream) for stream in node.registry]
-    for provide in extra or ():
-        report.update(provide())
     return report

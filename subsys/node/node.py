@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Protocol
 
 from subsys.config import Feed, Settings
 from subsys.coordinator.base import Coordinator, OwnerRecord
-from subsys.core.errors import CoordinatorError, FencedError, TopicError
+from subsys.core.errors import CoordinatorError, FencedError, PollError, TopicError
 from subsys.core.topics import convert_param, parse_topic
 from subsys.node import reconcile
 from subsys.node.database import Database, run_feed_query
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _TICK = 0.25
 _ORPHAN_TAKEOVER_DELAY = 1.0
+_STOP_WAIT = 1.0  # a poller that does not stop within this (stuck in the database) is left as a zombie
 
 
 class Follower(Protocol):
@@ -58,6 +59,8 @@ class Node:
         self.started = time.time()
         self._timing = reconcile.Timing(grace=settings.node.grace_period, orphan_delay=_ORPHAN_TAKEOVER_DELAY)
         self._pollers: dict[str, tuple[Poller, asyncio.Task]] = {}
+        # Pollers whose stop did not complete (a hung database call): zombies until reaped.
+        self._stuck: dict[tuple[str, int], tuple[Poller, asyncio.Task, float]] = {}
         self._acquire_reasons: dict[str, str] = {}  # an operator's reason for the next acquisition
         self._kick = asyncio.Event()
         # One actor at a time on ownership: a reconcile pass, a handoff, a forced hand-over.
@@ -137,8 +140,7 @@ class Node:
         entry = self._pollers.pop(topic, None)
         if entry is not None:
             log.info("handing over topic=%s epoch=%d to %s: %s", topic, epoch, to or "anyone", reason)
-            entry[1].cancel()
-            await asyncio.gather(entry[1], return_exceptions=True)
+            await self._cancel(topic, entry)
         try:
             released = await self.coordinator.release(topic, epoch, to=to, reason=reason)
         except CoordinatorError as exc:
@@ -384,9 +386,10 @@ class Node:
         task.add_done_callback(lambda done, topic=stream.topic: self._poller_done(topic, done))
         self._pollers[stream.topic] = (poller, task)
 
-    async def _run_query(self, stream: TopicStream):
-        assert self.database.pool is not None
-        return await run_feed_query(self.database.pool, stream.feed, stream.param)
+    async def _run_query(self, stream: TopicStream, poller: Poller):
+        if self.database.pool is None:
+            raise PollError("database not open", code="database_unavailable")
+        return await run_feed_query(self.database.pool, stream.feed, stream.param, holder=poller)
 
     def _poller_done(self, topic: str, task: asyncio.Task) -> None:
         current = self._pollers.get(topic)
@@ -400,10 +403,8 @@ class Node:
         entry = self._pollers.pop(topic, None)
         stream = self.registry.get(topic)
         if entry is not None:
-            poller, task = entry
-            log.info("stopping poller topic=%s epoch=%d: %s", topic, poller.epoch, why)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            log.info("stopping poller topic=%s epoch=%d: %s", topic, entry[0].epoch, why)
+            await self._cancel(topic, entry)
         owner = self.coordinator.view.owners.get(topic)
         if release and self.coordinator.holds(owner):
             try:
@@ -415,6 +416,59 @@ class Node:
                     stream.record("released", node=self.node_id, epoch=owner.epoch, reason=why)
         elif entry is not None and stream is not None:
             stream.record("stopped", node=self.node_id, epoch=entry[0].epoch, reason=why)
+
+    async def _cancel(self, topic: str, entry: tuple[Poller, asyncio.Task]) -> None:
+        """Cancel a poller and wait a moment; one that will not stop is kept (and reported) as stuck.
+
+        Waiting longer would let one hung database call block every other topic's reconcile.
+        """
+        poller, task = entry
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=_STOP_WAIT)
+        if not done:
+            log.warning("poller topic=%s epoch=%d did not stop within %.0fs (a hung database call?): "
+                        "kept as a zombie to reap", topic, poller.epoch, _STOP_WAIT)  # fmt: skip
+            key = (topic, poller.epoch)
+            self._stuck[key] = (poller, task, time.time())
+            task.add_done_callback(lambda _t, key=key: self._stuck.pop(key, None))
+
+    async def reap_poller(self, topic: str, epoch: int) -> bool:
+        """Stop a poller the zombie scan found, if it still does not hold the key at its epoch."""
+        owner = self.coordinator.view.owners.get(topic)
+        active = self._pollers.get(topic)
+        if active is not None and active[0].epoch == epoch:
+            if self.coordinator.holds(owner) and owner is not None and owner.epoch == epoch:
+                return False  # it is the rightful poller (the evidence no longer holds)
+            self._pollers.pop(topic, None)
+            await self._force(topic, active)
+            return True
+        stuck = self._stuck.get((topic, epoch))
+        if stuck is None:
+            return False
+        await self._force(topic, stuck[:2])
+        return True
+
+    async def _force(self, topic: str, entry: tuple[Poller, asyncio.Task]) -> None:
+        """Stop a poller even in a hung database call: close its connection under it."""
+        poller, task = entry
+        if poller.conn is not None:
+            poller.conn.terminate()
+        task.cancel()
+        await asyncio.wait({task}, timeout=_STOP_WAIT)
+        log.info("reaped poller topic=%s epoch=%d (stopped: %s)", topic, poller.epoch, task.done())
+
+    async def release_idle(self, topic: str, epoch: int) -> bool:
+        """Release a topic the zombie scan found idle, if it still is: held at ``epoch``, wanted nowhere."""
+        owner = self.coordinator.view.owners.get(topic)
+        stream = self.registry.get(topic)
+        if not self.coordinator.holds(owner) or owner is None or owner.epoch != epoch:
+            return False
+        if self.coordinator.view.presence.get(topic) or (stream is not None and stream.local):
+            return False
+        return await self.hand_over(topic, epoch, to=None, reason="reaped: idle owner")
+
+    def stuck_pollers(self) -> list[dict[str, Any]]:
+        return [{"topic": t, "epoch": e, "since": since} for (t, e), (_p, _task, since) in self._stuck.items()]
 
     def _drop_followers(self, stream: TopicStream, why: str) -> None:
         if stream.remote:

@@ -24,7 +24,7 @@ __all__ = ["Poller", "QueryRunner"]
 
 log = logging.getLogger(__name__)
 
-QueryRunner = Callable[[TopicStream], Awaitable[Rows]]
+QueryRunner = Callable[[TopicStream, "Poller"], Awaitable[Rows]]
 
 
 class Poller:
@@ -44,6 +44,7 @@ class Poller:
         self._query = query
         self._database = database
         self._can_publish = can_publish
+        self.conn: Any = None  # the database connection of the query in flight (reaping closes it)
 
     async def run(self) -> None:
         stream, feed = self.stream, self.stream.feed
@@ -54,7 +55,7 @@ class Poller:
             while True:
                 started = time.monotonic()
                 try:
-                    rows = await self._query(stream)
+                    rows = await self._query(stream, self)
                 except PollError as exc:
                     error: PollError | None = exc
                 except Exception as exc:  # a bug, not the database: say so, keep polling

@@ -19,7 +19,7 @@ from subsys.node.inspect import local_state
 from subsys.web.appkeys import HTTP, NODE
 from subsys.web.peer import authorised, peer_headers
 
-__all__ = ["setup_internal", "PeerClient", "PeerUnavailable"]
+__all__ = ["setup_internal", "PeerClient", "PeerUnavailable", "own_state", "refuses", "STATE_EXTRAS", "REAPER"]
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class PeerUnavailable(Exception):
-    """A peer did not answer (in time, or at all); the reason is the message."""
+    """A peer did not answer (in time, or at all); the reason is the message.
+
+    ``refused``: its address refused the connection, i.e. nothing listens there: the process
+    is gone (a SIGSTOPped or partitioned process times out instead).
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def _guarded(handler: Handler) -> Handler:
@@ -43,10 +51,17 @@ def _guarded(handler: Handler) -> Handler:
     return guarded
 
 
+async def own_state(app: web.Application, *, topics: bool) -> dict[str, Any]:
+    """This node's facts for the admin API (and its async extras, e.g. its agent's registrations)."""
+    state = local_state(app[NODE], topics=topics)
+    for provide in app.get(STATE_EXTRAS, ()):
+        state.update(await provide())
+    return state
+
+
 async def _state(request: web.Request) -> web.Response:
-    node = request.app[NODE]
     topics = request.query.get("topics", "1") != "0"
-    return web.json_response(local_state(node, topics=topics, extra=request.app.get(STATE_EXTRAS)))
+    return web.json_response(await own_state(request.app, topics=topics))
 
 
 async def _hand_over(request: web.Request) -> web.Response:
@@ -65,6 +80,22 @@ async def _drain(request: web.Request) -> web.Response:
     return web.json_response({"moved": moved, "draining": node.draining})
 
 
+async def _reap(request: web.Request) -> web.Response:
+    """Act on a zombie finding that concerns this node, re-checking the evidence first."""
+    node = request.app[NODE]
+    body = await request.json()
+    do = body.get("do")
+    if do == "stop_poller":
+        done = await node.reap_poller(str(body["topic"]), int(body["epoch"]))
+    elif do == "release":
+        done = await node.release_idle(str(body["topic"]), int(body["epoch"]))
+    elif do == "deregister":
+        done = await request.app[REAPER](str(body["service_id"]))
+    else:
+        return web.json_response({"error": {"code": "bad_request", "message": f"unknown action {do!r}"}}, status=400)
+    return web.json_response({"done": done})
+
+
 async def _undrain(request: web.Request) -> web.Response:
     node = request.app[NODE]
     await node.undrain()
@@ -72,6 +103,8 @@ async def _undrain(request: web.Request) -> web.Response:
 
 
 STATE_EXTRAS: web.AppKey[list] = web.AppKey("subsys_state_extras")
+# Deregisters a leaked registration on this node's agent if it is still dead (set by the zombie service).
+REAPER: web.AppKey[Callable[[str], Awaitable[bool]]] = web.AppKey("subsys_registration_reaper")
 
 
 def setup_internal(app: web.Application) -> None:
@@ -79,6 +112,7 @@ def setup_internal(app: web.Application) -> None:
     app.router.add_post("/internal/hand-over", _guarded(_hand_over))
     app.router.add_post("/internal/drain", _guarded(_drain))
     app.router.add_post("/internal/undrain", _guarded(_undrain))
+    app.router.add_post("/internal/reap", _guarded(_reap))
     app.setdefault(STATE_EXTRAS, [])
 
 
@@ -103,5 +137,33 @@ class PeerClient:
                 return await resp.json()
         except asyncio.TimeoutError:
             raise PeerUnavailable(f"no answer within {timeout:g}s") from None
+        except aiohttp.ClientConnectorError as exc:
+            refused = isinstance(exc.os_error, ConnectionRefusedError)
+            raise PeerUnavailable("connection refused" if refused else f"cannot connect: {exc.os_error}",
+                                  refused=refused) from None  # fmt: skip
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise PeerUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+
+async def refuses(address: str, *, attempts: int = 2, gap: float = 0.2) -> bool:
+    """A death certificate: ``address`` refused a TCP connection ``attempts`` times, ``gap`` apart.
+
+    Nothing listens there, so the process that did is gone; a stopped, slow or
+    partitioned process times out (or answers) instead, and never earns one.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+    for attempt in range(attempts):
+        if attempt:
+            await asyncio.sleep(gap)
+        try:
+            _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        except ConnectionRefusedError:
+            continue
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        return False
+    return True

@@ -31,7 +31,6 @@ import pytest
 from subsys.config import Settings, load_settings
 from subsys.coordinator.base import ClusterView, Coordinator
 from subsys.coordinator.consul.coordinator import ConsulCoordinator
-from subsys.coordinator.consul.keys import incarnation_of_check, session_name
 from subsys.coordinator.consul.view import read_view
 from subsys.coordinator.embedded import EmbeddedCoordinator
 from subsys.testing.nodes import write_toml
@@ -537,7 +536,7 @@ async def test_consul_only_a_lost_session_fences_reregisters_and_its_old_keys_ar
         return entry is not None and entry.session == c.session
 
     await eventually(presence_rewritten, timeout=TIMEOUT, message="presence held by the new session")
-    sessions = [s["ID"] for s in await c.client.list_sessions() if s.get("Name") == session_name(c.node_id)]
+    sessions = [s["ID"] for s in await c.client.list_sessions() if s.get("Name") == c.keys.session_name(c.node_id)]
     assert sessions == [c.session]
     # The node acquires anew (after the lock-delay of the destroyed session) at a higher epoch.
     again = await eventually(lambda: c.acquire(TOPIC), timeout=TIMEOUT, message="acquires again")
@@ -584,9 +583,9 @@ async def test_consul_only_a_new_incarnation_replaces_an_abandoned_one_at_once(c
     assert len(services) == 1, services
     assert services[0]["Meta"]["incarnation"] == "second"
     checks = [c for c in (await second.client.agent_checks()).values()
-              if c.get("ServiceID") == second.service_id or incarnation_of_check(node_id, c.get("CheckID", ""))]  # fmt: skip
+              if c.get("ServiceID") == second.service_id or second.keys.incarnation_of_check(node_id, c.get("CheckID", ""))]  # fmt: skip
     assert [c["CheckID"] for c in checks] == [second.check_id], checks
-    sessions = [s["ID"] for s in await second.client.list_sessions() if s.get("Name") == session_name(node_id)]
+    sessions = [s["ID"] for s in await second.client.list_sessions() if s.get("Name") == second.keys.session_name(node_id)]
     assert sessions == [second.session]
 
     taken = await eventually(lambda: second.acquire(TOPIC), timeout=TIMEOUT, message="the new incarnation acquires")

@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from subsys.coordinator.consul.keys import KeyLayout
+
 from conftest import CHECK_TTL, LOCK_DELAY, SCHEMA, ItemsCluster, items_spec, provide_consul
 from support import Watcher, eventually
 
@@ -71,8 +73,9 @@ async def test_sigkill_then_restart_with_the_same_node_id_hands_every_topic_over
     agent = cluster.consul.agent_for(0)
     services = await agent.get_json("agent/services")
     checks = await agent.get_json("agent/checks")
-    assert [sid for sid in services if sid == f"subsys-{first.name}"] == [f"subsys-{first.name}"]
-    theirs = [c for c in checks.values() if c.get("ServiceID") == f"subsys-{first.name}"]
+    service_id = KeyLayout(cluster.prefix).service_id(first.name)
+    assert [sid for sid in services if sid.endswith(f":{first.name}")] == [service_id]
+    theirs = [c for c in checks.values() if c.get("ServiceID") == service_id]
     assert len(theirs) == 1, f"one check for the restarted node, not one per incarnation: {theirs}"
 
 

@@ -31,13 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from subsys.config import Settings
-from subsys.coordinator.base import HANDOFF_HOLD, Coordinator, OwnerRecord
+from subsys.coordinator.base import HANDOFF_HOLD, Coordinator, KeyFact, OwnerRecord, Records, RegistrationFact
 from subsys.coordinator.consul import keys
 from subsys.coordinator.consul.client import ConsulClient, KVEntry, NotFound
-from subsys.coordinator.consul.view import apply_listing
+from subsys.coordinator.consul.view import apply_listing, read_records, registrations
 from subsys.core.errors import CoordinatorError, CoordinatorUnavailable
 from subsys.logs import RepeatedLog
 
@@ -60,8 +60,8 @@ class ConsulCoordinator(Coordinator):
             address=settings.consul.address, token=settings.consul_token, datacenter=settings.consul.datacenter
         )
         self.keys = keys.KeyLayout(settings.consul.prefix)
-        self.service_id = keys.service_id(self.node_id)
-        self.check_id = keys.check_id(self.node_id, incarnation)
+        self.service_id = self.keys.service_id(self.node_id)
+        self.check_id = self.keys.check_id(self.node_id, incarnation)
         self.session: str | None = None
         self._confirmed_at = float("-inf")  # monotonic
         self._started = time.time()
@@ -170,7 +170,7 @@ class ConsulCoordinator(Coordinator):
         await self._reap_predecessors()
         checked_at = time.monotonic()
         self.session = await self.client.create_session(
-            name=keys.session_name(self.node_id),
+            name=self.keys.session_name(self.node_id),
             service_checks=[self.check_id],
             node_checks=["serfHealth"],
             lock_delay=self._cfg.lock_delay,
@@ -193,14 +193,14 @@ class ConsulCoordinator(Coordinator):
         somewhere: then another live process uses this node id (a
         misconfiguration), which is logged and left alone.
         """
-        name = keys.session_name(self.node_id)
+        name = self.keys.session_name(self.node_id)
         sessions = [s for s in await self.client.list_sessions() if s.get("Name") == name and s.get("ID") != self.session]
         if not sessions:
             return
         passing = await self._passing_checks()
         for session in sessions:
             checks = [c.get("ID", "") for c in session.get("ServiceChecks") or []] + list(session.get("Checks") or [])
-            theirs = [c for c in checks if keys.incarnation_of_check(self.node_id, c)]
+            theirs = [c for c in checks if self.keys.incarnation_of_check(self.node_id, c)]
             alive = [c for c in theirs if c in passing and c != self.check_id]
             if alive:
                 log.error(
@@ -426,6 +426,36 @@ class ConsulCoordinator(Coordinator):
     def can_publish(self, topic: str, epoch: int) -> bool:
         owner = self.view.owners.get(topic)
         return self.holds(owner) and owner.epoch == epoch and self._fresh()
+
+    # -- zombies ------------------------------------------------------------------------
+
+    async def records(self) -> Records:
+        return await read_records(self.client, self.keys)
+
+    async def local_registrations(self) -> list[RegistrationFact]:
+        return await registrations(self.client, self.keys)
+
+    async def destroy_session_if(self, session: str, *, still_dead: Callable[[dict[str, Any], dict[str, str]], bool]) -> bool:
+        info = await self.client.session_info(session)
+        if info is None:
+            return False  # gone already: nothing to do
+        status = {c["CheckID"]: c.get("Status", "") for c in await self.client.service_checks(keys.SERVICE_NAME)}
+        if not still_dead(info, status):
+            return False
+        await self.client.destroy_session(session)
+        return True
+
+    async def delete_key_at(self, fact: KeyFact) -> bool:
+        key = {"owner": self.keys.owner(fact.topic), "presence": self.keys.presence(fact.topic, fact.node),
+               "node": self.keys.node(fact.node)}[fact.kind]  # fmt: skip
+        return await self.client.kv_delete(key, cas=fact.index)
+
+    async def deregister_if(self, service_id: str, *, still_dead: Callable[[RegistrationFact], bool]) -> bool:
+        current = {r.service_id: r for r in await registrations(self.client, self.keys)}.get(service_id)
+        if current is None or not still_dead(current):
+            return False
+        await self.client.deregister_service(service_id)
+        return True
 
     # -- presence -------------------------------------------------------------------
 

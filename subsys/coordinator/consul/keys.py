@@ -17,39 +17,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["KeyLayout", "PARTS", "SERVICE_NAME", "session_name", "service_id", "check_id"]
+__all__ = ["KeyLayout", "PARTS", "SERVICE_NAME"]
 
 PARTS = ("owners", "presence", "nodes")
 SERVICE_NAME = "subsys"
 
 
-def service_id(node_id: str) -> str:
-    """One service per node id: a restarted process re-registers (replaces) it, never adds one."""
-    return f"{SERVICE_NAME}-{node_id}"
-
-
-def check_id(node_id: str, incarnation: str) -> str:
-    """One TTL check per process incarnation, so a restart never keeps a dead process's session alive."""
-    return f"{SERVICE_NAME}-{node_id}-ttl-{incarnation}"
-
-
-def session_name(node_id: str) -> str:
-    return f"{SERVICE_NAME}-{node_id}"
-
-
-def node_of_session_name(name: str) -> str | None:
-    prefix = f"{SERVICE_NAME}-"
-    return name[len(prefix):] if name.startswith(prefix) else None
-
-
-def incarnation_of_check(node_id: str, check: str) -> str | None:
-    prefix = f"{SERVICE_NAME}-{node_id}-ttl-"
-    return check[len(prefix):] if check.startswith(prefix) else None
-
-
 @dataclass(frozen=True, slots=True)
 class KeyLayout:
+    """Keys, and the names of agent registrations and sessions, of one cluster (one prefix).
+
+    Registrations and sessions carry the cluster's tag (its prefix), so clusters that
+    share a Consul (one prefix each) never mistake each other's node ``n1`` for their own.
+    """
+
     prefix: str
+
+    @property
+    def tag(self) -> str:
+        return self.prefix.strip("/").replace("/", ".") or "root"
+
+    # -- KV -------------------------------------------------------------------------
 
     def part(self, part: str) -> str:
         return f"{self.prefix}{part}/"
@@ -68,6 +56,28 @@ class KeyLayout:
         return key[len(self.part(part)):]
 
     def presence_parts(self, key: str) -> tuple[str, str]:
-        """``(topic, node)`` of a presence key (topics may not contain '/', node ids neither)."""
+        """``(topic, node)`` of a presence key (neither topics nor node ids contain '/')."""
         topic, _, node = self.split("presence", key).rpartition("/")
         return topic, node
+
+    # -- agent registrations and sessions --------------------------------------------------
+
+    def service_id(self, node_id: str) -> str:
+        """One service per node id: a restarted process re-registers (replaces) it, never adds one."""
+        return f"{SERVICE_NAME}:{self.tag}:{node_id}"
+
+    def check_id(self, node_id: str, incarnation: str) -> str:
+        """One TTL check per process incarnation, so a restart never keeps a dead process's session alive."""
+        return f"{SERVICE_NAME}:{self.tag}:{node_id}:ttl:{incarnation}"
+
+    def session_name(self, node_id: str) -> str:
+        return f"{SERVICE_NAME}:{self.tag}:{node_id}"
+
+    def node_of_session(self, name: str) -> str | None:
+        """The node id a session name of this cluster names (None: not one of ours)."""
+        prefix = f"{SERVICE_NAME}:{self.tag}:"
+        return name[len(prefix):] if name.startswith(prefix) else None
+
+    def incarnation_of_check(self, node_id: str, check: str) -> str | None:
+        prefix = f"{SERVICE_NAME}:{self.tag}:{node_id}:ttl:"
+        return check[len(prefix):] if check.startswith(prefix) else None

@@ -8,11 +8,15 @@ nothing outside this package parses Consul's keys.
 
 from __future__ import annotations
 
-from subsys.coordinator.base import ClusterView, NodeRecord, OwnerRecord, Reservation
+from subsys.coordinator.base import (
+    ClusterView, KeyFact, NodeRecord, OwnerRecord, Records, RegistrationFact, Reservation, SessionFact,
+)  # fmt: skip
+from subsys.coordinator.consul import keys as layout
 from subsys.coordinator.consul.client import ConsulClient, KVEntry
 from subsys.coordinator.consul.keys import PARTS, KeyLayout
+from subsys.core.errors import CoordinatorError
 
-__all__ = ["apply_listing", "read_view"]
+__all__ = ["apply_listing", "read_view", "read_records", "registrations"]
 
 
 def apply_listing(view: ClusterView, keys: KeyLayout, part: str, entries: list[KVEntry]) -> bool:
@@ -92,3 +96,54 @@ async def read_view(*, address: str, prefix: str, token: str = "", consistent: b
         return view
     finally:
         await client.close()
+
+
+async def registrations(client: ConsulClient, keys: KeyLayout) -> list[RegistrationFact]:
+    """This cluster's subsys services on the local agent, with the states of their checks."""
+    services = await client.agent_services()
+    checks = await client.agent_checks()
+    facts = []
+    mine = keys.service_id("")
+    for service_id, service in services.items():
+        if service.get("Service") != layout.SERVICE_NAME or not service_id.startswith(mine):
+            continue
+        meta = service.get("Meta") or {}
+        own = {cid: c.get("Status", "") for cid, c in checks.items() if c.get("ServiceID") == service_id}
+        facts.append(RegistrationFact(service_id, str(meta.get("node", "")), str(meta.get("incarnation", "")), own))
+    return facts
+
+
+async def read_records(client: ConsulClient, keys: KeyLayout) -> Records:
+    """Keys, sessions, check states and local registrations, each read fresh; a part that
+    cannot be read leaves ``complete`` False rather than failing the whole scan."""
+    records = Records()
+    try:
+        for part in PARTS:
+            entries, _index = await client.kv_list(keys.part(part), consistent=True)
+            for entry in entries:
+                value = entry.json()
+                value = value if isinstance(value, dict) else {}
+                if part == "owners":
+                    records.keys.append(KeyFact("owner", keys.split(part, entry.key), str(value.get("node", "")),
+                                                entry.session, entry.modify_index, value))  # fmt: skip
+                elif part == "presence":
+                    topic, node = keys.presence_parts(entry.key)
+                    records.keys.append(KeyFact("presence", topic, node, entry.session, entry.modify_index, value))
+                else:
+                    records.keys.append(KeyFact("node", "", keys.split(part, entry.key), entry.session,
+                                                entry.modify_index, value))  # fmt: skip
+        for session in await client.list_sessions():
+            node = keys.node_of_session(str(session.get("Name", "")))
+            if node is None:
+                continue
+            checks = tuple(c.get("ID", "") for c in session.get("ServiceChecks") or []) + tuple(
+                session.get("NodeChecks") or session.get("Checks") or ()
+            )
+            records.sessions.append(SessionFact(session["ID"], node, checks, str(session.get("Node", ""))))
+        records.check_status = {
+            c["CheckID"]: c.get("Status", "") for c in await client.service_checks(layout.SERVICE_NAME)
+        }
+        records.registrations = await registrations(client, keys)
+    except CoordinatorError:
+        records.complete = False
+    return records

@@ -21,6 +21,7 @@ from subsys.web.admin.events import EventHub
 from subsys.web.admin.metrics import AdminMetrics
 from subsys.web.admin.openapi import openapi_document
 from subsys.web.admin.routes import PRINCIPAL, ROUTES, ApiError
+from subsys.web.admin.zombies import ZOMBIE_ROUTES, setup_zombies
 from subsys.web.appkeys import HTTP, NODE
 from subsys.web.health import EXTRA_COLLECTORS
 
@@ -84,8 +85,11 @@ async def _admin(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal_error", "the node failed to answer; see its log")
 
 
+ALL_ROUTES = ROUTES + ZOMBIE_ROUTES
+
+
 async def _openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(ALL_ROUTES))
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
@@ -123,8 +127,9 @@ def setup_admin(app: web.Application) -> None:
     app[EXTRA_COLLECTORS].append(app[METRICS])
     app[ADMIN_PORT] = node.settings.node.admin_port
     app.middlewares.append(admin_middleware)
-    for method, path, handler, _operator, _summary, _request, _response, _query in ROUTES:
+    for method, path, handler, _operator, _summary, _request, _response, _query in ALL_ROUTES:
         app.router.add_route(method, api.API_PREFIX + path, handler)
+    setup_zombies(app)
     app.router.add_get(api.API_PREFIX + "/events", _events)
     app.router.add_get(api.API_PREFIX + "/openapi.json", _openapi)
     app.cleanup_ctx.append(_hub_ctx)

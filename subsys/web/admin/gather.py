@@ -18,9 +18,8 @@ from aiohttp import web
 
 from subsys import __version__
 from subsys.core import admin as api
-from subsys.node.inspect import local_state
 from subsys.web.appkeys import NODE
-from subsys.web.internal import STATE_EXTRAS, PeerClient, PeerUnavailable
+from subsys.web.internal import PeerClient, PeerUnavailable, own_state
 
 __all__ = ["Gathered", "gather", "merge_topics", "node_infos", "summary", "topic_detail"]
 
@@ -32,6 +31,7 @@ class Gathered:
     answered_by: str
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> its local_state
     problems: list[api.PeerProblem] = field(default_factory=list)
+    refused: set[str] = field(default_factory=set)  # nodes whose address refused the connection
 
     def partial(self) -> dict[str, Any]:
         return {"answered_by": self.answered_by, "partial": bool(self.problems), "unavailable": self.problems}
@@ -43,7 +43,7 @@ async def gather(app: web.Application, *, topics: bool = True, only: str | None 
     view = node.coordinator.view
     peers = {nid: rec.address for nid, rec in view.nodes.items() if nid != node.node_id and (only in (None, nid))}
     if only in (None, node.node_id):
-        result.reports[node.node_id] = local_state(node, topics=topics, extra=app.get(STATE_EXTRAS))
+        result.reports[node.node_id] = await own_state(app, topics=topics)
     client = PeerClient(app)
 
     async def ask(nid: str, address: str) -> None:
@@ -53,6 +53,8 @@ async def gather(app: web.Application, *, topics: bool = True, only: str | None 
             )
         except PeerUnavailable as exc:
             result.problems.append(api.PeerProblem(node=nid, reason=str(exc)))
+            if exc.refused:
+                result.refused.add(nid)
 
     await asyncio.gather(*(ask(nid, address) for nid, address in sorted(peers.items())))
     return result

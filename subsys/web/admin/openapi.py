@@ -16,7 +16,6 @@ from pydantic.json_schema import models_json_schema
 
 from subsys import __version__
 from subsys.core import admin as api
-from subsys.web.admin.routes import ROUTES
 
 __all__ = ["openapi_document"]
 
@@ -31,15 +30,17 @@ _ERRORS = {
 }
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(routes: list) -> dict[str, Any]:
+    """The document for ``routes`` (the route table: method, path, handler, operator, summary,
+    request model, response model, query parameters)."""
     models: list[type[BaseModel]] = [api.ErrorResponse, api.Event]
-    for _method, _path, _handler, _operator, _summary, request, response, _query in ROUTES:
+    for _method, _path, _handler, _operator, _summary, request, response, _query in routes:
         models += [m for m in (request, response) if m is not None]
     _keys, schema = models_json_schema(
         [(model, "validation") for model in dict.fromkeys(models)], ref_template="#/components/schemas/{model}"
     )
     paths: dict[str, Any] = {}
-    for method, path, _handler, operator, summary, request, response, query in ROUTES:
+    for method, path, _handler, operator, summary, request, response, query in routes:
         operation: dict[str, Any] = {
             "summary": summary,
             "operationId": _operation_id(method, path),

@@ -25,7 +25,7 @@ from subsys.web.admin.gather import filter_sort_page, gather, merge_topics, node
 from subsys.web.appkeys import NODE
 from subsys.web.internal import PeerClient, PeerUnavailable
 
-__all__ = ["ROUTES", "ApiError", "json_model", "PRINCIPAL"]
+__all__ = ["ROUTES", "ApiError", "json_model", "PRINCIPAL", "audit"]
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("subsys.audit")
@@ -69,7 +69,7 @@ def _topic_name(request: web.Request) -> str:
         raise ApiError(400, exc.code, exc.message) from None
 
 
-def _audit(principal: Principal, action: str, target: str, result: str, started: float, **extra: Any) -> None:
+def audit(principal: Principal, action: str, target: str, result: str, started: float, **extra: Any) -> None:
     entry = {
         "audit": action, "target": target, "token": principal.token_id, "result": result,
         "duration_ms": round((time.monotonic() - started) * 1000, 1), **extra,
@@ -179,14 +179,14 @@ async def failover(request: web.Request) -> web.Response:
         if moved is None:
             raise ApiError(504, "timeout", f"no new owner of {name!r} within {FAILOVER_TIMEOUT:g}s")
     except ApiError as exc:
-        _audit(principal, "failover", name, f"refused: {exc.code}", started, to=body.to)
+        audit(principal, "failover", name, f"refused: {exc.code}", started, to=body.to)
         raise
     took = time.monotonic() - started
     result = api.FailoverResult(
         topic=name, from_node=owner.node_id, to_node=moved.node_id, epoch_before=owner.epoch,
         epoch_after=moved.epoch, took_ms=round(took * 1000, 1), reason=reason,
     )  # fmt: skip
-    _audit(principal, "failover", name, "ok", started, to=moved.node_id, epoch_before=owner.epoch, epoch_after=moved.epoch)
+    audit(principal, "failover", name, "ok", started, to=moved.node_id, epoch_before=owner.epoch, epoch_after=moved.epoch)
     return json_model(result)
 
 
@@ -235,7 +235,7 @@ async def _drain_or_undrain(request: web.Request, *, drain: bool) -> web.Respons
     action = "drain" if drain else "undrain"
     record = node.coordinator.view.nodes.get(name)
     if record is None:
-        _audit(principal, action, name, "refused: unknown_node", started)
+        audit(principal, action, name, "refused: unknown_node", started)
         raise ApiError(404, "unknown_node", f"no node {name!r} in the cluster")
     reason = f"drain by {principal.token_id}"
     moved = 0
@@ -250,7 +250,7 @@ async def _drain_or_undrain(request: web.Request, *, drain: bool) -> web.Respons
                 record.address, "POST", f"/internal/{action}", json={"reason": reason}, timeout=DRAIN_TIMEOUT
             )
         except PeerUnavailable as exc:
-            _audit(principal, action, name, "failed: node_unreachable", started)
+            audit(principal, action, name, "failed: node_unreachable", started)
             raise ApiError(502, "node_unreachable", f"node {name} did not answer: {exc}") from None
         moved = int(answer.get("moved", 0))
     remaining = 0
@@ -262,7 +262,7 @@ async def _drain_or_undrain(request: web.Request, *, drain: bool) -> web.Respons
                 break
             await asyncio.sleep(0.1)
     took = time.monotonic() - started
-    _audit(principal, action, name, "ok" if remaining == 0 else "incomplete", started, moved=moved, remaining=remaining)
+    audit(principal, action, name, "ok" if remaining == 0 else "incomplete", started, moved=moved, remaining=remaining)
     return json_model(api.DrainResult(node=name, draining=drain, moved=moved, remaining=remaining,
                                       took_ms=round(took * 1000, 1)))  # fmt: skip
 

@@ -1,0 +1,272 @@
+"""Zombie detection: cross-check the coordinator's records against what every node says it runs.
+
+A zombie is a fact that disagrees with the source of truth (docs/operations.md,
+"Zombies"). :func:`detect` is pure: given the coordinator's raw records, each
+node's own report, which nodes did not answer (and whether their address
+refused the connection: a dead process), it returns the disagreements, each
+with its evidence and the action that fixes it. :class:`Tracker` turns scans
+into reports: a finding is reported only once it was seen on two consecutive
+scans (or persisted past its kind's bound), so normal transitions (an
+acquisition in flight, a grace running) are not.
+
+Detection does not trust any one cause: an owner key whose holder does not
+serve the topic is a zombie whatever produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from subsys.coordinator.base import KeyFact, Records
+
+__all__ = ["KINDS", "Finding", "ScanInput", "Timing", "detect", "Tracker"]
+
+KINDS = {
+    "orphan_poller": "a poller runs on a node whose session does not hold the topic's key at its epoch",
+    "duplicate_poller": "more than one node runs a poller for one topic",
+    "stuck_owner": "an owner key held by a session whose node is gone, restarted, or does not poll the topic",
+    "idle_owner": "an owner key held with no presence anywhere beyond the grace period",
+    "stale_presence": "a presence entry for a node that is gone or has no such subscribers",
+    "dead_session": "a subsys session whose process is gone (another incarnation, a failed check, a dead address)",
+    "leaked_registration": "an agent service registration of a node process that is gone",
+    "released_key": "a released owner key kept for a node that never took it, after its hold ran out",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    grace: float  # node.grace_period
+    check_ttl: float
+    interval: float  # how often the janitor scans (bounds "persisted past")
+
+    @property
+    def idle_bound(self) -> float:
+        return self.grace + 2 * self.interval
+
+    @property
+    def unpolled_bound(self) -> float:
+        return self.check_ttl + 2 * self.interval
+
+
+@dataclass
+class ScanInput:
+    records: Records
+    reports: dict[str, dict[str, Any]]  # node id -> its own facts (reachable nodes)
+    unreachable: dict[str, str]  # node id -> why it did not answer
+    refused: set[str]  # of those, nodes whose address refused the connection: nothing listens there
+    db_connections: dict[str, int] = field(default_factory=dict)  # node id -> open PostgreSQL connections
+    now: float = field(default_factory=time.time)
+
+
+@dataclass
+class Finding:
+    kind: str
+    subject: str  # a topic, a session id, a service id
+    nodes: list[str]
+    evidence: dict[str, Any]
+    actions: list[dict[str, Any]]  # what fixes it: {"do": ..., ...}
+    auto: bool = True  # the janitor may fix it on its own
+    first_seen: float = 0.0
+    scans: int = 1
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.subject}"
+
+
+def _session_of(report: dict[str, Any]) -> str | None:
+    return (report.get("coordinator") or {}).get("session")
+
+
+def _key_summary(fact: KeyFact | None) -> dict[str, Any] | None:
+    if fact is None:
+        return None
+    return {"holder": fact.holder, "index": fact.index, "node": fact.node}
+
+
+def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
+    records, reports = scan.records, scan.reports
+    owner_keys = {f.topic: f for f in records.keys if f.kind == "owner"}
+    node_keys = {f.node: f for f in records.keys if f.kind == "node"}
+    presence_keys = [f for f in records.keys if f.kind == "presence"]
+    live_session = {nid: s for nid, r in reports.items() if (s := _session_of(r))}
+    session_node = {s.id: s.node for s in records.sessions}
+    findings: list[Finding] = []
+
+    def gone(node: str) -> str | None:
+        """Why ``node``'s process is known to be gone, or None if it is not known to be."""
+        if node in scan.refused:
+            return f"its address refuses connections ({scan.unreachable.get(node, 'refused')})"
+        if node not in reports and node not in node_keys and node not in scan.unreachable:
+            return "it is not registered in the cluster"
+        return None
+
+    def dead_holder(holder: str, claimed: str) -> str | None:
+        """Why the session ``holder`` cannot belong to a live process, or None."""
+        node = session_node.get(holder, claimed)
+        if node in live_session and live_session[node] != holder:
+            return f"{node} runs now with session {live_session[node]} (a later incarnation)"
+        why = gone(node)
+        if why:
+            return f"{node}: {why}"
+        session = next((s for s in records.sessions if s.id == holder), None)
+        if session is not None:
+            failed = [c for c in session.checks if c != "serfHealth" and records.check_status.get(c, "missing") != "passing"]
+            if failed:
+                return f"its check {failed[0]} is {records.check_status.get(failed[0], 'missing')}"
+        return None
+
+    # -- pollers -----------------------------------------------------------------------
+    running: dict[str, list[tuple[str, int, bool]]] = {}  # topic -> (node, epoch, stuck)
+    for nid, report in reports.items():
+        for topic, epoch in (report.get("pollers") or {}).items():
+            running.setdefault(topic, []).append((nid, int(epoch), False))
+        for item in report.get("stuck_pollers") or []:
+            running.setdefault(item["topic"], []).append((nid, int(item["epoch"]), True))
+    for topic, entries in sorted(running.items()):
+        key = owner_keys.get(topic)
+
+        def rightful(nid: str, epoch: int, stuck: bool) -> bool:
+            return not stuck and key is not None and key.holder == live_session.get(nid) and key.index == epoch
+
+        strays = [e for e in entries if not rightful(*e)]
+        if not strays:
+            continue
+        evidence = {
+            "pollers": [{"node": n, "epoch": e, "stuck": s} for n, e, s in entries],
+            "owner_key": _key_summary(key),
+            "sessions": {n: live_session.get(n) for n, _e, _s in entries},
+            "db_connections": {n: scan.db_connections.get(n) for n, _e, _s in entries},
+        }
+        actions = [{"do": "stop_poller", "node": n, "topic": topic, "epoch": e} for n, e, _s in strays]
+        kind = "duplicate_poller" if len(entries) > 1 else "orphan_poller"
+        findings.append(Finding(kind, topic, sorted({n for n, _e, _s in entries}), evidence, actions))
+
+    # -- owner keys ----------------------------------------------------------------------
+    presence_of: dict[str, set[str]] = {}
+    for fact in presence_keys:
+        if fact.holder:
+            presence_of.setdefault(fact.topic, set()).add(fact.node)
+    for topic, key in sorted(owner_keys.items()):
+        if key.holder is None:
+            until = float(key.value.get("until", 0) or 0)
+            if until < scan.now:
+                findings.append(Finding(
+                    "released_key", topic, [str(key.value.get("reserved_for", ""))],
+                    {"owner_key": _key_summary(key), "reserved_for": key.value.get("reserved_for"),
+                     "hold_ended_ago": round(scan.now - until, 1)},
+                    [{"do": "delete_key", "key": _key_action(key)}],
+                ))  # fmt: skip
+            continue
+        claimed = key.node
+        dead = dead_holder(key.holder, claimed)
+        if dead:
+            findings.append(Finding(
+                "stuck_owner", topic, [claimed],
+                {"owner_key": _key_summary(key), "why": dead, "db_connections": scan.db_connections.get(claimed)},
+                [{"do": "destroy_session", "session": key.holder, "node": claimed}],
+            ))  # fmt: skip
+            continue
+        if claimed in reports and live_session.get(claimed) == key.holder:
+            report = reports[claimed]
+            polling = topic in (report.get("pollers") or {})
+            item = next((t for t in report.get("topic_reports", []) if t["topic"] == topic), None)
+            last = (item or {}).get("last_poll_at")
+            interval = float((item or {}).get("interval") or 0)
+            silent_for = scan.now - last if last else None
+            bound = timing.unpolled_bound + 3 * interval
+            if not polling and (silent_for is None or silent_for > bound):
+                findings.append(Finding(
+                    "stuck_owner", topic, [claimed],
+                    {"owner_key": _key_summary(key), "why": f"{claimed} holds it but runs no poller for it",
+                     "last_poll_ago": round(silent_for, 1) if silent_for is not None else None},
+                    [{"do": "delete_key", "key": _key_action(key)}], auto=False,
+                ))  # fmt: skip
+                continue
+            if not presence_of.get(topic):
+                findings.append(Finding(
+                    "idle_owner", topic, [claimed],
+                    {"owner_key": _key_summary(key), "presence": [], "grace": timing.grace},
+                    [{"do": "release", "node": claimed, "topic": topic, "epoch": key.index}],
+                ))  # fmt: skip
+
+    # -- presence ----------------------------------------------------------------------
+    for fact in presence_keys:
+        if fact.holder is None:
+            continue
+        node, why = fact.node, None
+        holder_dead = dead_holder(fact.holder, node)
+        if holder_dead:
+            why = holder_dead
+        elif node in reports:
+            item = next((t for t in reports[node].get("topic_reports", []) if t["topic"] == fact.topic), None)
+            if not item or not item.get("local_subscribers"):
+                why = f"{node} has no local subscribers to {fact.topic}"
+        if why:
+            findings.append(Finding(
+                "stale_presence", f"{fact.topic}@{node}", [node],
+                {"presence_key": _key_summary(fact), "why": why},
+                [{"do": "delete_key", "key": _key_action(fact)}],
+            ))  # fmt: skip
+
+    # -- sessions and registrations --------------------------------------------------------
+    for session in records.sessions:
+        if session.id in live_session.values():
+            continue
+        why = dead_holder(session.id, session.node)
+        if why:
+            holds = sorted(f"{f.kind}:{f.topic or f.node}" for f in records.keys if f.holder == session.id)
+            findings.append(Finding(
+                "dead_session", session.id, [session.node],
+                {"session": session.id, "node": session.node, "why": why, "holds": holds,
+                 "checks": {c: records.check_status.get(c, "missing") for c in session.checks}},
+                [{"do": "destroy_session", "session": session.id, "node": session.node}],
+            ))  # fmt: skip
+    for reporter, report in reports.items():
+        for reg in report.get("registrations", []):
+            node = reg["node"]
+            current = reports.get(node, {}).get("incarnation")
+            why = None
+            if node in reports and current and reg.get("incarnation") and reg["incarnation"] != current:
+                why = f"registered by incarnation {reg['incarnation']}; {node} runs as {current}"
+            elif node not in reports and (reason := gone(node)):
+                why = f"{node}: {reason}"
+            if why:
+                findings.append(Finding(
+                    "leaked_registration", reg["service_id"], [node],
+                    {"agent_of": reporter, "registration": reg, "why": why},
+                    [{"do": "deregister", "node": reporter, "service_id": reg["service_id"]}],
+                ))  # fmt: skip
+    return findings
+
+
+def _key_action(fact: KeyFact) -> dict[str, Any]:
+    return {"kind": fact.kind, "topic": fact.topic, "node": fact.node, "index": fact.index, "holder": fact.holder}
+
+
+class Tracker:
+    """Remembers findings across scans; reports those seen twice in a row or older than their bound."""
+
+    def __init__(self, timing: Timing) -> None:
+        self.timing = timing
+        self._seen: dict[str, Finding] = {}
+
+    def update(self, findings: list[Finding], now: float) -> list[Finding]:
+        current: dict[str, Finding] = {}
+        for finding in findings:
+            before = self._seen.get(finding.id)
+            finding.first_seen = before.first_seen if before else now
+            finding.scans = before.scans + 1 if before else 1
+            current[finding.id] = finding
+        self._seen = current
+        return [f for f in current.values() if self._confirmed(f, now)]
+
+    def _confirmed(self, finding: Finding, now: float) -> bool:
+        if finding.kind == "idle_owner":  # a grace is running: only past it
+            return now - finding.first_seen >= self.timing.idle_bound and finding.scans >= 2
+        return finding.scans >= 2
+
+    def forget(self, finding_id: str) -> None:
+        self._seen.pop(finding_id, None)
