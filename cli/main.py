@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 
 from subsys.config import Settings, load_settings
+from subsys.core import admin as api
 from subsys.core.errors import ConfigError, SubsysError
 
 __all__ = ["app", "main"]
@@ -20,7 +23,7 @@ app = typer.Typer(
     name="subsys",
     help="Live WebSocket subscriptions for databases that cannot push changes.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # `subsys --install-completion`: commands, options, and the choices below
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
@@ -130,6 +133,136 @@ def bench(
     else:
         for key, value in result.items():
             print(f"{key:>28}: {value}")
+
+
+# -- operating a cluster: the admin API (docs/operations.md, "CLI") ---------------------------------------------------
+
+# Where: --url (repeatable, tried in order) or $SUBSYS_URL (comma-separated). The token: $SUBSYS_TOKEN only,
+# never an option, since a token on the command line is visible to every user in `ps`.
+UrlOpt = typer.Option(None, "--url", "-u", show_default=False, metavar="URL",
+                      help="A node's admin URL (http://host:port, ws://host:port/ws works too); repeat to add "
+                           "fallbacks. Default: $SUBSYS_URL (comma-separated), else http://127.0.0.1:8080.")  # fmt: skip
+JsonOpt = typer.Option(False, "--json", help="Print the API's answer as JSON (stable field names) instead of a table.")
+YesOpt = typer.Option(False, "--yes", "-y", help="Do it without asking (required when stdin is not a terminal).")
+
+TopicState = Enum("TopicState", {s: s for s in api.TOPIC_STATES}, type=str)  # type: ignore[misc]
+TopicSort = Enum("TopicSort", {s: s for s in api.TOPIC_SORT_KEYS}, type=str)  # type: ignore[misc]
+
+
+def _admin(url: Optional[List[str]], as_json: bool, body) -> None:
+    from subsys.cli.admin import run
+
+    run(url, as_json, body)
+
+
+@app.command()
+def cluster(url: Optional[List[str]] = UrlOpt, as_json: bool = JsonOpt) -> None:
+    """The cluster at a glance: nodes, topics (owned, unowned, failing), clients."""
+    from subsys.cli import admin
+
+    _admin(url, as_json, admin.cluster)
+
+
+@app.command()
+def nodes(url: Optional[List[str]] = UrlOpt, as_json: bool = JsonOpt) -> None:
+    """Every node: health (ok, draining, unreachable), owned and followed topics, clients, uptime."""
+    from subsys.cli import admin
+
+    _admin(url, as_json, admin.nodes)
+
+
+@app.command()
+def topics(
+    feed: Optional[str] = typer.Option(None, help="Only this feed's topics."),
+    node: Optional[str] = typer.Option(None, help="Owned by, or with subscribers on, this node."),
+    owner: Optional[str] = typer.Option(None, help="Owned by this node."),
+    state: Optional[TopicState] = typer.Option(None, help="Only topics in this state."),
+    text: Optional[str] = typer.Option(None, "--q", "--text", help="Topics whose name contains this."),
+    sort: TopicSort = typer.Option("topic", help="Sort by this column."),
+    desc: bool = typer.Option(False, "--desc", help="Sort descending."),
+    limit: int = typer.Option(100, min=1, max=5000, help="At most this many topics."),
+    offset: int = typer.Option(0, min=0, help="Skip this many first."),
+    every: bool = typer.Option(False, "--all", help="Every matching topic (pages through; ignores --limit/--offset)."),
+    url: Optional[List[str]] = UrlOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Topics across the cluster, filtered, sorted and paged like the API's GET /topics."""
+    from subsys.cli import admin
+
+    filters = dict(feed=feed, node=node, owner=owner, state=state.value if state else None, q=text,
+                   sort=sort.value, order="desc" if desc else "asc")  # fmt: skip
+    _admin(url, as_json, lambda ctx, client: admin.topics(ctx, client, every=every, offset=offset, limit=limit,
+                                                          **filters))  # fmt: skip
+
+
+@app.command()
+def topic(
+    name: str = typer.Argument(..., metavar="TOPIC", help="e.g. orders:42"),
+    url: Optional[List[str]] = UrlOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """One topic: owner, epoch, polling, the nodes serving it, and its ownership history."""
+    from subsys.cli import admin
+
+    _admin(url, as_json, lambda ctx, client: admin.topic(ctx, client, name))
+
+
+@app.command()
+def failover(
+    name: str = typer.Argument(..., metavar="TOPIC", help="e.g. orders:42"),
+    to: Optional[str] = typer.Option(None, "--to", help="The node to take it (default: the cluster picks)."),
+    yes: bool = YesOpt,
+    url: Optional[List[str]] = UrlOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Force a topic's failover: its owner stops polling, another node (or --to) takes it at a new epoch."""
+    from subsys.cli import actions
+
+    _admin(url, as_json, lambda ctx, client: actions.failover(ctx, client, name, to=to, yes=yes))
+
+
+@app.command()
+def drain(
+    node: str = typer.Argument(..., metavar="NODE"),
+    yes: bool = YesOpt,
+    url: Optional[List[str]] = UrlOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Drain a node: its topics move to other nodes and it refuses new clients. Undo with `subsys undrain`."""
+    from subsys.cli import actions
+
+    _admin(url, as_json, lambda ctx, client: actions.drain(ctx, client, node, yes=yes))
+
+
+@app.command()
+def undrain(
+    node: str = typer.Argument(..., metavar="NODE"),
+    yes: bool = YesOpt,
+    url: Optional[List[str]] = UrlOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """End a node's drain: it takes topics and clients again."""
+    from subsys.cli import actions
+
+    _admin(url, as_json, lambda ctx, client: actions.undrain(ctx, client, node, yes=yes))
+
+
+@app.command()
+def console(
+    url: Optional[List[str]] = UrlOpt,
+    read_only: bool = typer.Option(False, "--read-only", help="Offer no actions, even with an operator token."),
+) -> None:
+    """The interactive operator console (Textual), on the same URLs and token as the other commands."""
+    from subsys.cli.admin import TOKEN_ENV, ExitCode, admin_urls
+
+    try:
+        # Imported here: the console pulls in Textual, which the other commands do not need.
+        from subsys.console import run_console
+    except ImportError as exc:
+        err.print(f"[bold red]the console is not available in this installation:[/] {exc}")
+        raise typer.Exit(ExitCode.ERROR) from None
+    code = run_console(admin_urls(url), os.environ.get(TOKEN_ENV, "").strip(), read_only)
+    raise typer.Exit(code or 0)
 
 
 def main() -> None:
