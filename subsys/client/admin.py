@@ -164,6 +164,15 @@ class AdminClient:
     async def undrain(self, node: str) -> api.DrainResult:
         return await self._post(f"/nodes/{quote(node, safe='')}/undrain", api.DrainResult)
 
+    async def zombies(self, *, kind: str | None = None, topic: str | None = None,
+                      node: str | None = None) -> api.ZombieList:  # fmt: skip
+        return await self._get("/zombies", api.ZombieList, kind=kind, topic=topic, node=node)
+
+    async def reap(self, *, ids: list[str] | None = None, kind: str | None = None, topic: str | None = None,
+                   node: str | None = None, dry_run: bool = False) -> api.ReapResult:  # fmt: skip
+        body = api.ReapRequest(ids=ids, kind=kind, topic=topic, node=node, dry_run=dry_run)
+        return await self._post("/zombies/reap", api.ReapResult, body.model_dump(), timeout=120)
+
     async def openapi(self) -> dict[str, Any]:
         return await self._request("GET", "/openapi.json")
 

@@ -308,6 +308,8 @@ class Node:
     async def reconcile_topic(self, stream: TopicStream) -> None:
         for _attempt in range(2):  # a second pass right after a successful acquisition starts the poller
             facts, cluster = self.facts(stream)
+            if stream.epoch and (cluster.owner is None or cluster.owner.epoch != stream.epoch):
+                stream.epoch_ended(stream.epoch)
             decision = reconcile.decide(facts, cluster, time.monotonic(), self._timing)
             stream.role, stream.owner_node = decision.role, decision.owner_node
             if decision.owner_node is not None:

@@ -99,6 +99,7 @@ class TopicStream:
     created: float = field(default_factory=time.time)
     history: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH))
     last_data_at: float | None = None  # wall clock of the last data message (any epoch)
+    epoch_ended_at: float | None = None  # wall clock: when this node saw the current epoch's owner go
     _epoch_change: tuple[int, float | None] | None = field(default=None, repr=False)
     _snapshot: Publication | None = field(default=None, repr=False)
     _status: Publication | None = field(default=None, repr=False)
@@ -144,11 +145,20 @@ class TopicStream:
 
     def _start_epoch(self, epoch: int) -> None:
         """A new ownership begins: the next data message is a full snapshot."""
-        self._epoch_change = (self.epoch, self.last_data_at) if self.epoch else None
+        # The gap is measured from when the old epoch was seen to end (its owner gone from the
+        # view), not from its last data: a quiet topic publishes nothing for long stretches.
+        ended = max(filter(None, (self.last_data_at, self.epoch_ended_at)), default=None)
+        self._epoch_change = (self.epoch, ended) if self.epoch else None
+        self.epoch_ended_at = None
         self.epoch = epoch
         self.seq = 0
         self.has_data = False
         self._snapshot = None
+
+    def epoch_ended(self, epoch: int) -> None:
+        """This node saw the owner of ``epoch`` go (released, lost, replaced)."""
+        if epoch == self.epoch and self.epoch_ended_at is None:
+            self.epoch_ended_at = time.time()
 
     def begin_epoch(self, epoch: int) -> None:
         """The owner path: this node starts polling at ``epoch`` (never an older one)."""

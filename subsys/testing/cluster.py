@@ -208,7 +208,10 @@ class LocalCluster:
         env.update(self.spec.node_env)
         return env
 
-    async def start_nodes(self, count: int, *, wait: bool = True, timeout: float = 90.0) -> list[NodeProcess]:
+    async def start_nodes(
+        self, count: int, *, wait: bool = True, timeout: float = 90.0, env: Mapping[str, str] | None = None
+    ) -> list[NodeProcess]:
+        """Start ``count`` more nodes (``env``: extra environment for these, e.g. a setting of their own)."""
         assert self.config is not None, "start() first"
         new = []
         for _ in range(count):
@@ -218,7 +221,7 @@ class LocalCluster:
             port = self.spec.base_port + index if self.spec.base_port else None
             on_line = (lambda line, name=name: self.on_line(name, line)) if self.on_line else None
             node = NodeProcess(
-                name, config=self.config, env=self.node_env(index), port=port,
+                name, config=self.config, env={**self.node_env(index), **(env or {})}, port=port,
                 workdir=None if on_line else self.workdir, on_line=on_line,
                 own_session=self.spec.own_session, isolate=True, report=self.report,
             )  # fmt: skip

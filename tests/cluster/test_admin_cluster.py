@@ -156,3 +156,26 @@ async def test_a_read_token_reads_but_cannot_act(cluster: ItemsCluster) -> None:
             await api.failover("items:1")
         with pytest.raises(Forbidden):
             await api.drain("n1")
+
+
+async def test_a_drain_of_many_topics_hands_every_one_over_without_a_gap(cluster: ItemsCluster) -> None:
+    """Each topic is released *for* a chosen node: none is left unowned, not even for a moment."""
+    n1, n2 = await cluster.start_nodes(2)
+    topics = tuple(f"items:{i}" for i in range(1, 41))
+    await cluster.watch([n1], topics)
+    await cluster.watch([n2], topics[:5])
+    owners = await eventually(lambda: _all_owned_by(cluster, topics, "n1"), message="n1 owns all 40")
+    assert len(owners) == 40
+    async with admin(cluster, "n2") as api:
+        result = await api.drain("n1")
+        assert result.moved == 40 and result.remaining == 0, result
+        after = await cluster.owners()
+        assert sorted(after) == sorted(topics), "no topic left without an owner after the drain"
+        assert {r.node_id for r in after.values()} == {"n2"}
+        summary = await api.cluster()
+        assert summary.unowned == 0
+
+
+async def _all_owned_by(cluster: ItemsCluster, topics: tuple[str, ...], node: str):
+    owners = await cluster.owners()
+    return owners if all(owners.get(t) and owners[t].node_id == node for t in topics) else None

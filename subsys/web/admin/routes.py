@@ -238,6 +238,7 @@ async def _drain_or_undrain(request: web.Request, *, drain: bool) -> web.Respons
         audit(principal, action, name, "refused: unknown_node", started)
         raise ApiError(404, "unknown_node", f"no node {name!r} in the cluster")
     reason = f"drain by {principal.token_id}"
+    owned_before = {t for t, o in node.coordinator.view.owners.items() if o.node_id == name}
     moved = 0
     if name == node.node_id:
         if drain:
@@ -254,13 +255,15 @@ async def _drain_or_undrain(request: web.Request, *, drain: bool) -> web.Respons
             raise ApiError(502, "node_unreachable", f"node {name} did not answer: {exc}") from None
         moved = int(answer.get("moved", 0))
     remaining = 0
-    if drain:  # done when the cluster no longer shows it owning anything
+    if drain:  # done when it owns nothing and every topic it had (still wanted) has a new owner
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while True:
-            remaining = sum(1 for o in node.coordinator.view.owners.values() if o.node_id == name)
-            if remaining == 0 or time.monotonic() > deadline:
+            view = node.coordinator.view
+            remaining = sum(1 for o in view.owners.values() if o.node_id == name)
+            landing = [t for t in owned_before if t not in view.owners and view.presence.get(t)]
+            if (remaining == 0 and not landing) or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
     took = time.monotonic() - started
     audit(principal, action, name, "ok" if remaining == 0 else "incomplete", started, moved=moved, remaining=remaining)
     return json_model(api.DrainResult(node=name, draining=drain, moved=moved, remaining=remaining,
