@@ -136,23 +136,29 @@ async def test_client_stalled_past_twice_send_timeout_is_cut_without_close_frame
 
 
 async def test_heartbeat_pings_a_quiet_client_and_its_pongs_keep_it(start_node, schema):
-    """Section 10: a quiet client is pinged every `heartbeat` seconds; answering keeps it open."""
-    node = await start_node(FEEDS, database_url=schema, limits={**RATE, "heartbeat": 0.3})
+    """Section 10: a quiet client is pinged every `heartbeat` seconds; answering keeps it open.
+    The node answers the client's protocol pings as well."""
+    # Long enough for a busy machine to answer within heartbeat / 2.
+    node = await start_node(FEEDS, database_url=schema, limits={**RATE, "heartbeat": 1.0})
     client = await RawClient.connect(node.ws_url, autoping=False)
     try:
-        pings, pong = 0, None
+        pings, pong, protocol_pongs = 0, None, []
+        await client.ws.ping(b"from the client")  # the node answers protocol pings too
         while pong is None:
             msg = await client.ws.receive(timeout=15)
-            if msg.type == aiohttp.WSMsgType.PING:
+            if msg.type == aiohttp.WSMsgType.PONG:
+                protocol_pongs.append(msg.data)
+            elif msg.type == aiohttp.WSMsgType.PING:
                 pings += 1
                 await client.ws.pong(msg.data)
-                if pings == 4:
+                if pings == 3:
                     await client.send({"type": "ping", "ref": "still open"})
             else:
                 assert msg.type == aiohttp.WSMsgType.TEXT, msg
                 if json.loads(msg.data)["type"] == "pong":
                     pong = json.loads(msg.data)
         assert pong == {"type": "pong", "ref": "still open"}
+        assert protocol_pongs == [b"from the client"]
     finally:
         await client.close()
 
