@@ -17,6 +17,9 @@
 | bytea                                | string, standard base64                     |
 | json / jsonb                         | the JSON value itself                       |
 | arrays                               | array of the element mapping                |
+| geometric types (point, line, lseg,  | array of their components, by this mapping  |
+| box, circle, path, polygon)          | (a path's open/closed flag is not sent)     |
+| anonymous records (row(...))         | array of the field mapping                  |
 | composite types                      | object of the field mapping                 |
 | ranges                               | {"lower","upper","lower_inc","upper_inc",   |
 |                                      |  "empty"}, bounds by this mapping (null:    |
@@ -95,6 +98,8 @@ def encode_value(value: Any) -> Any:
         }
     if isinstance(value, asyncpg.BitString):
         return value.as_string()
+    if isinstance(value, asyncpg.Path):  # and Polygon: the geometric types that are not tuples
+        return [encode_value(point) for point in value.points]
     return str(value)
 
 

@@ -7,6 +7,7 @@ of truth for field names and error codes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +17,13 @@ from subsys.core.errors import ProtocolError
 __all__ = [
     "PROTOCOL_VERSION",
     "ERROR_CODES",
+    "MAX_NESTING",
     "ClientFrame",
     "parse_client_frame",
     "error_frame",
     "Publication",
     "status_frame",
+    "escape_surrogates",
 ]
 
 PROTOCOL_VERSION = 1
@@ -41,6 +44,10 @@ ERROR_CODES = {
 }
 
 _CLIENT_TYPES = ("subscribe", "unsubscribe", "ping")
+
+# Protocol frames nest one level. A fixed limit makes "too deep" the same answer on every
+# Python (the parser's own limit follows the interpreter's recursion limit).
+MAX_NESTING = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,12 +72,29 @@ def _sendable(value: str) -> bool:
     return True
 
 
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def parse_client_frame(text: str) -> ClientFrame:
     """Parse one client frame; every string it returns is valid Unicode (safe to echo)."""
     try:
+        # ValueError also covers integers of more than 4300 digits (Python's conversion limit).
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser allows
         raise ProtocolError("frame is not valid JSON", code="malformed_json") from None
+    # Counting brackets is cheap and bounds the nesting, so only a frame that could be too deep is walked.
+    if text.count("[") + text.count("{") > MAX_NESTING and _nested_deeper_than(data, MAX_NESTING):
+        raise ProtocolError(f"frame is nested deeper than {MAX_NESTING} levels", code="malformed_json")
     if not isinstance(data, dict):
         raise ProtocolError("frame must be a JSON object")
     ref = data.get("ref")
@@ -89,6 +113,19 @@ def parse_client_frame(text: str) -> ClientFrame:
             raise ProtocolError("'topic' must be valid Unicode (it has a lone UTF-16 surrogate)")
         return ClientFrame(kind, topic, ref)
     return ClientFrame(kind, None, ref)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_surrogates(frame: str) -> str:
+    """``frame`` (JSON) with each lone UTF-16 surrogate written as its ``\\uXXXX`` escape.
+
+    Such a character cannot be encoded as UTF-8, so the frame could not be sent
+    at all. JSON's own syntax is ASCII, so a surrogate can only sit inside a
+    string, where the escape means the same character to a JSON parser.
+    """
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", frame)
 
 
 def error_frame(code: str, message: str, *, topic: str | None = None, ref: Any = None) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -41,6 +42,7 @@ from subsys.node.node import Node
 from subsys.node.stream import TopicStream
 from subsys.web.appkeys import NODE, PEERS
 from subsys.web.outbox import Outbox, SendFailed
+from subsys.web.ws import send_text
 
 __all__ = ["PEER_PATH", "setup_peer_link", "PeerLinks", "peer_headers", "authorised"]
 
@@ -86,7 +88,7 @@ class PeerConnection:
         self.ws, self.node, self.peer_node = ws, node, peer_node
         limits = node.settings.limits
         self.outbox = Outbox(
-            send=ws.send_str,
+            send=functools.partial(send_text, ws),
             current=self._current,
             limit=limits.send_queue * 10,
             send_timeout=limits.send_timeout,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -13,18 +15,43 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from subsys.config import LimitsConfig
 from subsys.core.encoding import dumps
 from subsys.core.errors import ProtocolError, SubsysError
-from subsys.core.protocol import PROTOCOL_VERSION, Publication, error_frame, parse_client_frame
+from subsys.core.protocol import (
+    PROTOCOL_VERSION,
+    Publication,
+    error_frame,
+    escape_surrogates,
+    parse_client_frame,
+)
+from subsys.logs import RepeatedLog
 from subsys.node.node import Node
 from subsys.web.appkeys import NODE
 from subsys.web.outbox import Outbox, SendFailed
 
-__all__ = ["ClientConnection", "websocket_handler", "close_all", "CLOSE_SLOW_CONSUMER"]
+__all__ = ["ClientConnection", "websocket_handler", "close_all", "close_slow", "send_text", "CLOSE_SLOW_CONSUMER"]
 
 log = logging.getLogger(__name__)
+_repeats = RepeatedLog(log, every=60.0)
 
-# Application close code (4000-4999 range) for a client that did not read for limits.send_timeout.
+# Application close code (4000-4999 range) for a client that did not read: a write blocked for
+# limits.send_timeout, or no answer to the heartbeat ping.
 CLOSE_SLOW_CONSUMER = 4008
 _ids = itertools.count(1)
+
+
+async def send_text(ws: web.WebSocketResponse, frame: str) -> None:
+    """``ws.send_str``, except that a frame UTF-8 cannot encode is still sent, escaped.
+
+    Client strings with a lone surrogate are refused before anything is queued,
+    but data can hold one (a ``json`` column may store ``"\\ud800"``). aiohttp
+    encodes before it writes, so on failure nothing was sent yet and the escaped
+    frame, which means the same to a JSON parser, can take its place.
+    """
+    try:
+        await ws.send_str(frame)
+    except UnicodeEncodeError:
+        _repeats.log("surrogate", logging.WARNING, "a frame with a lone UTF-16 surrogate was sent escaped: %.100r",
+                     frame)  # fmt: skip
+        await ws.send_str(escape_surrogates(frame))
 
 
 class _TokenBucket:
@@ -54,10 +81,11 @@ class ClientConnection:
         self.peer = peer
         self.topics: set[str] = set()
         self.connected_at = time.time()
+        self.heard_at = time.monotonic()  # the last frame of any kind from the client (heartbeat)
         self._bucket = _TokenBucket(limits.messages_per_second, limits.message_burst)
         self._rate_limited_told = 0.0
         self.outbox = Outbox(
-            send=ws.send_str,
+            send=functools.partial(send_text, ws),
             current=self._current,
             limit=limits.send_queue,
             send_timeout=limits.send_timeout,
@@ -183,7 +211,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         )  # fmt: skip
     limits = node.settings.limits
     ws = web.WebSocketResponse(
-        heartbeat=limits.heartbeat,
+        # The heartbeat is ours (_run_heartbeat): aiohttp's drops an unanswering client without
+        # a close frame, and it hides pongs from us (autoping), which our heartbeat must see.
+        heartbeat=None,
+        autoping=False,
         # Frames up to 4x the limit are read and answered with frame_too_large; beyond that
         # aiohttp closes with 1009 (message too big). aiohttp refuses a frame of exactly its
         # max_msg_size, hence the +1: a frame of exactly 4x is still answered.
@@ -206,27 +237,35 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             }
         )
     )
-    writer = asyncio.create_task(_run_writer(conn, ws), name=f"ws-writer-{conn.id}")
+    tasks = [
+        asyncio.create_task(_run_writer(conn, ws, request), name=f"ws-writer-{conn.id}"),
+        asyncio.create_task(_run_heartbeat(conn, ws, request), name=f"ws-heartbeat-{conn.id}"),
+    ]
     try:
         async for msg in ws:
+            conn.heard_at = time.monotonic()
             if msg.type == WSMsgType.TEXT:
                 conn.handle_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 conn.handle_binary()
+            elif msg.type == WSMsgType.PING:
+                with contextlib.suppress(ConnectionError, RuntimeError):  # the socket is going away
+                    await ws.pong(msg.data)
             elif msg.type == WSMsgType.ERROR:
                 log.info("client %s socket error: %s", conn.peer, ws.exception())
                 break
     finally:
         node.clients.discard(conn)
         conn.detach()
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if not ws.closed:
             await ws.close()
     return ws
 
 
-async def _run_writer(conn: ClientConnection, ws: web.WebSocketResponse) -> None:
+async def _run_writer(conn: ClientConnection, ws: web.WebSocketResponse, request: web.Request) -> None:
     """The connection's writer; owned (cancelled and awaited) by its handler."""
     try:
         await conn.outbox.run()
@@ -238,31 +277,84 @@ async def _run_writer(conn: ClientConnection, ws: web.WebSocketResponse) -> None
             log.debug("client socket closing; its writer stopped: %s", exc)
         else:
             log.warning("closing slow client socket %s: %s", conn.peer, exc)
-            await close_slow(ws, grace=conn.limits.send_timeout)
+            await close_slow(ws, request, grace=conn.limits.send_timeout)
     except Exception:
         log.exception("client writer crashed; closing the socket")
         await ws.close(code=WSCloseCode.INTERNAL_ERROR)
 
 
-async def close_slow(ws: web.WebSocketResponse, *, grace: float) -> None:
-    """Close with 4008 behind what is already in flight, and give the client ``grace`` to read it.
+async def _run_heartbeat(conn: ClientConnection, ws: web.WebSocketResponse, request: web.Request) -> None:
+    """Ping a client quiet for ``limits.heartbeat``; one that does not answer within half of it is closed.
+
+    Whether it is gone or merely stopped reading cannot be told apart, so it is
+    closed like a slow consumer: 4008 behind the data in flight, which a client
+    that only paused still gets.
+    """
+    interval = conn.limits.heartbeat
+    answer_within = interval / 2
+    while True:
+        quiet = time.monotonic() - conn.heard_at
+        if quiet < interval:
+            await asyncio.sleep(interval - quiet)
+            continue
+        pinged_at = time.monotonic()
+        # The ping is written at once; only waiting for buffer room can block, and is bounded.
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, RuntimeError):
+            await asyncio.wait_for(ws.ping(), answer_within)
+        await asyncio.sleep(max(0.0, pinged_at + answer_within - time.monotonic()))
+        if conn.heard_at < pinged_at:
+            log.info("client %s did not answer a ping within %gs; closing it", conn.peer, answer_within)
+            await close_slow(ws, request, grace=conn.limits.send_timeout)
+            return
+
+
+async def close_slow(ws: web.WebSocketResponse, request: web.Request, *, grace: float) -> None:
+    """Close with 4008 behind what is already in flight; cut the connection once it goes unread for ``grace``.
 
     The frames already handed to the socket cannot be taken back, so the close
-    frame follows them. A client that reads again within ``grace`` gets them and
-    then 4008; one that does not is cut off (1006).
+    frame follows them, and the transport is closed gracefully: it keeps
+    flushing. A client that reads again within ``grace``, and keeps reading,
+    gets those frames and then 4008. The close does not wait for the client
+    (``drain=False``), so the handler ends and the subscriptions are released
+    now; only the socket lingers while it is being read, so a client that never
+    reads again cannot hold it.
     """
+    transport = request.transport
+    if transport is not None:
+        asyncio.get_running_loop().call_later(grace, _cut_if_unread, request, grace, transport.get_write_buffer_size())
     try:
-        await asyncio.wait_for(ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer"), grace)
+        await asyncio.wait_for(ws.close(code=CLOSE_SLOW_CONSUMER, message=b"slow consumer", drain=False), grace)
     except (asyncio.TimeoutError, ConnectionError, RuntimeError):
         pass
 
 
+def _cut_if_unread(request: web.Request, grace: float, unsent_before: int) -> None:
+    transport = request.transport  # None once everything was flushed and the connection is gone
+    if transport is None:
+        return
+    unsent = transport.get_write_buffer_size()
+    if unsent < unsent_before:  # the client reads again: give it another grace period
+        asyncio.get_running_loop().call_later(grace, _cut_if_unread, request, grace, unsent)
+    else:
+        transport.abort()
+
+
 async def close_all(connections: set[ClientConnection], *, timeout: float = 2.0) -> None:
-    """Flush what is queued (still answering client frames), then close every client with 1001."""
+    """Flush what is queued (still answering client frames), then close every client with 1001.
+
+    The close frame follows what is in flight without waiting for the client to
+    read it (``drain=False``): a client that does not read cannot hold up the
+    shutdown. The transports keep flushing while the node finishes stopping.
+    """
     deadline = time.monotonic() + timeout
     while any(conn.outbox.queued() for conn in connections) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    await asyncio.gather(
-        *(conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down") for conn in list(connections)),
-        return_exceptions=True,
-    )
+    await asyncio.gather(*(_close_going_away(conn.ws, timeout) for conn in list(connections)), return_exceptions=True)
+
+
+async def _close_going_away(ws: web.WebSocketResponse, timeout: float) -> None:
+    # Bounded too: a close that finds its handler busy waits for the client's close reply.
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(
+            ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down", drain=False), timeout
+        )

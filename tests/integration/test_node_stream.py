@@ -163,7 +163,7 @@ INSERT INTO typed VALUES (
 
 
 async def test_values_are_encoded_by_the_documented_mapping(start_node, database_url):
-    """The mapping in subsys/encoding.py, end to end through asyncpg and the wire."""
+    """The mapping in subsys/core/encoding.py, end to end through asyncpg and the wire."""
     await db_execute(database_url, ENCODING_SCHEMA)
     node = await start_node(
         {"typed": {"sql": "SELECT * FROM typed WHERE id = $1", "key": "id", "param": "int", "interval": 0.1}},

@@ -1,4 +1,4 @@
-"""The bounded per-receiver send queue (subsys/_outbox.py), with fake transports."""
+"""The bounded per-receiver send queue (subsys/web/outbox.py), with fake transports."""
 
 from __future__ import annotations
 

@@ -13,10 +13,12 @@ from hypothesis import given, strategies as st
 from subsys.core.errors import ProtocolError, TopicError
 from subsys.core.protocol import (
     ERROR_CODES,
+    MAX_NESTING,
     PROTOCOL_VERSION,
     ClientFrame,
     Publication,
     error_frame,
+    escape_surrogates,
     parse_client_frame,
     status_frame,
 )
@@ -142,6 +144,60 @@ def test_malformed_json(text):
     with pytest.raises(ProtocolError) as exc:
         parse_client_frame(text)
     assert exc.value.code == "malformed_json"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"ping","ref":NaN}',
+        '{"type":"ping","x":[Infinity]}',
+        '{"type":"ping","x":-Infinity}',
+        '{"type":"ping","ref":' + "9" * 4301 + "}",
+        '{"type":"ping","x":' + "[" * MAX_NESTING + "]" * MAX_NESTING + "}",
+        "[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1),
+        "[" * 1000 + "]" * 1000,
+    ],
+)
+def test_not_json_constants_long_numbers_and_deep_nesting_are_malformed_json(text):
+    with pytest.raises(ProtocolError) as exc:
+        parse_client_frame(text)
+    assert exc.value.code == "malformed_json"
+
+
+def test_nesting_up_to_the_limit_and_brackets_in_strings_are_fine():
+    nested = "[" * (MAX_NESTING - 1) + "]" * (MAX_NESTING - 1)
+    assert parse_client_frame('{"type":"ping","ref":1,"x":' + nested + "}") == ClientFrame("ping", None, 1)
+    assert parse_client_frame(json.dumps({"type": "ping", "ref": "[" * 500})).ref == "[" * 500
+
+
+# JSON escapes, as they come over the wire; the last one is a raw surrogate in the decoded text.
+@pytest.mark.parametrize("lone", ["\\ud800", "\\udfff", "a\\ud83d", "\\ude00b", "\\ude00\\ud83d", "\ud800"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{"type":"ping","ref":"%s"}',
+        '{"type":"subscribe","topic":"t:%s","ref":1}',
+        '{"type":"unsubscribe","topic":"t:1","ref":"%s"}',
+    ],
+)
+def test_lone_surrogates_in_echoed_fields_are_bad_request(template, lone):
+    with pytest.raises(ProtocolError) as exc:
+        parse_client_frame(template % lone)
+    assert exc.value.code == "bad_request"
+
+
+def test_surrogate_pairs_are_characters():
+    assert parse_client_frame('{"type":"ping","ref":"\\ud83d\\ude00"}').ref == "\U0001f600"
+    assert parse_client_frame('{"type":"ping","ref":1,"x":"\\ud800"}').ref == 1  # not echoed: ignored
+
+
+def test_escape_surrogates_makes_a_frame_sendable_and_keeps_its_meaning():
+    value = {"s": "a\ud800b\\\udc00", "ok": "é\U0001f600"}
+    frame = json.dumps(value, ensure_ascii=False)
+    escaped = escape_surrogates(frame)
+    escaped.encode("utf-8")
+    assert json.loads(escaped) == value
+    assert escape_surrogates("plain é") == "plain é"
 
 
 @pytest.mark.parametrize(

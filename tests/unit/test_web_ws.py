@@ -16,8 +16,12 @@ class FakeSocket:
         self.closed = closed
         self.closes: list[int] = []
 
-    async def close(self, *, code: int, message: bytes = b"") -> None:
+    async def close(self, *, code: int, message: bytes = b"", drain: bool = True) -> None:
         self.closes.append(code)
+
+
+class FakeRequest:
+    transport = None  # the connection is already gone: nothing to abort
 
 
 class FakeOutbox:
@@ -56,21 +60,21 @@ def _send_failed(cause: BaseException) -> SendFailed:
 async def test_a_client_that_left_is_logged_at_debug_only(caplog, closed, cause) -> None:
     ws = FakeSocket(closed)
     caplog.set_level(logging.DEBUG, logger="subsys.web.ws")
-    await _run_writer(FakeConnection(_send_failed(cause)), ws)
+    await _run_writer(FakeConnection(_send_failed(cause)), ws, FakeRequest())
     assert [r.levelno for r in caplog.records] == [logging.DEBUG], caplog.text
     assert "Traceback" not in caplog.text and ws.closes == []
 
 
 async def test_a_slow_client_is_closed_with_a_warning(caplog) -> None:
     ws = FakeSocket(closed=False)
-    await _run_writer(FakeConnection(_send_failed(asyncio.TimeoutError())), ws)
+    await _run_writer(FakeConnection(_send_failed(asyncio.TimeoutError())), ws, FakeRequest())
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert ws.closes == [CLOSE_SLOW_CONSUMER]
 
 
 async def test_a_real_crash_is_an_error_with_its_traceback_and_closes_the_socket(caplog) -> None:
     ws = FakeSocket(closed=False)
-    await _run_writer(FakeConnection(KeyError("bug")), ws)
+    await _run_writer(FakeConnection(KeyError("bug")), ws, FakeRequest())
     assert [r.message for r in caplog.records if r.levelno == logging.ERROR] == [
         "client writer crashed; closing the socket"
     ]
