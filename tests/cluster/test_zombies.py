@@ -42,6 +42,15 @@ async def manual(consul, items_db, tmp_path, request):
         await _close(cluster, request)
 
 
+@pytest.fixture
+async def healing(consul, items_db, tmp_path, request):
+    cluster = await zombie_cluster(consul, items_db, tmp_path, reap=True)
+    try:
+        yield cluster
+    finally:
+        await _close(cluster, request)
+
+
 async def _close(cluster: ItemsCluster, request) -> None:
     await asyncio.gather(*(w.stop() for w in cluster.watchers))
     await cluster.close()
@@ -124,6 +133,7 @@ async def test_a_poller_that_cannot_stop_is_a_duplicate_poller_until_reaped(manu
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:
+        await asyncio.sleep(1.0)  # several poll intervals: n1's next poll is now stuck in the frozen backend
         async with api(manual, "n2") as admin:
             moved = await admin.failover("items:1", to="n2")
             assert moved.to_node == "n2"
@@ -163,21 +173,18 @@ async def _unowned(cluster: ItemsCluster, topic: str) -> bool:
     return await cluster.owner_of(topic) is None
 
 
-async def test_the_janitor_heals_a_dead_owner_long_before_its_ttl(consul, items_db, tmp_path, request) -> None:
-    cluster = await zombie_cluster(consul, items_db, tmp_path, reap=True)
-    try:
-        n1, n2 = await cluster.start_nodes(2)
-        await cluster.watch([n1], ("items:1",))
-        survivors = await cluster.watch([n2], ("items:1",))
-        old = await cluster.owner_of("items:1")
-        n1.kill()
-        # The check TTL is 30 s; the janitor's death certificate (refused twice) comes much sooner.
-        new = await eventually(lambda: cluster.new_owner("items:1", old.epoch), timeout=LONG_TTL / 2,
-                               message="taken over before the TTL ran out")  # fmt: skip
-        assert new.node_id == "n2"
-        await eventually(lambda: any(f["type"] == "resync" for f in survivors[0].data()), message="resync")
-        async with api(cluster, "n2") as admin:
-            listing = await admin.zombies()
-            assert listing.janitor == "n2" and listing.auto_reap and sum(listing.reaped.values()) >= 1
-    finally:
-        await _close(cluster, request)
+async def test_the_janitor_heals_a_dead_owner_long_before_its_ttl(healing: ItemsCluster) -> None:
+    cluster = healing
+    n1, n2 = await cluster.start_nodes(2)
+    await cluster.watch([n1], ("items:1",))
+    survivors = await cluster.watch([n2], ("items:1",))
+    old = await cluster.owner_of("items:1")
+    n1.kill()
+    # The check TTL is 30 s; the janitor's death certificate (refused twice) comes much sooner.
+    new = await eventually(lambda: cluster.new_owner("items:1", old.epoch), timeout=LONG_TTL / 2,
+                           message="taken over before the TTL ran out")  # fmt: skip
+    assert new.node_id == "n2"
+    await eventually(lambda: any(f["type"] == "resync" for f in survivors[0].data()), message="resync")
+    async with api(cluster, "n2") as admin:
+        listing = await admin.zombies()
+        assert listing.janitor == "n2" and listing.auto_reap and sum(listing.reaped.values()) >= 1

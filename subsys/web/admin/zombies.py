@@ -55,6 +55,7 @@ class ZombieService:
         self.metric = Counter("subsys_zombies_reaped", "Zombies reaped, by kind and by whom", ["kind", "by"],
                               registry=None)  # fmt: skip
         self._lock = asyncio.Lock()
+        self.answered: set[str] = {node.node_id}  # the nodes that answered the last scan
 
     def collect(self):
         yield from self.metric.collect()
@@ -74,6 +75,7 @@ class ZombieService:
             now = time.time()
             self.confirmed = self.tracker.update(findings, now)
             self.partial = gathered.partial()
+            self.answered = set(gathered.reports)
             if not records.complete:
                 self.partial = {**self.partial, "partial": True, "unavailable": [
                     *self.partial["unavailable"], api.PeerProblem(node="coordinator", reason="records unreadable")]}
@@ -191,20 +193,26 @@ class ZombieService:
     # -- the janitor ---------------------------------------------------------------------
 
     def janitor(self) -> str | None:
+        """The node that heals: the lowest id among the nodes that answered the last scan and
+        are not draining. A dead node cannot be it, whatever the coordinator still says of it."""
         view = self.app[NODE].coordinator.view
-        live = sorted(n for n, rec in view.nodes.items() if not rec.draining)
+        live = sorted(n for n in self.answered if not (view.nodes.get(n) and view.nodes[n].draining))
         return live[0] if live else None
 
     async def run(self) -> None:
-        """Scan and heal, on the janitor node only; any failure waits for the next round."""
+        """Scan every interval; heal if this node is the janitor. Any failure waits for the next round.
+
+        Every node scans (so a dead janitor is replaced at once); two nodes that both think they
+        are the janitor (a partition) do no harm: every reap re-checks its evidence.
+        """
         node = self.app[NODE]
         while self.interval:
             await asyncio.sleep(self.interval)
-            if node.shutting_down or self.janitor() != node.node_id:
+            if node.shutting_down:
                 continue
             try:
                 findings = await self.scan()
-                if self.auto_reap:
+                if self.auto_reap and self.janitor() == node.node_id:
                     safe = [f for f in findings if f.auto]
                     if safe:
                         result = await self.reap(safe, dry_run=False, by="janitor")
