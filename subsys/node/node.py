@@ -62,6 +62,7 @@ class Node:
         # Pollers whose stop did not complete (a hung database call): zombies until reaped.
         self._stuck: dict[tuple[str, int], tuple[Poller, asyncio.Task, float]] = {}
         self._acquire_reasons: dict[str, str] = {}  # an operator's reason for the next acquisition
+        self._acquire_retry: dict[str, float] = {}  # topic -> the delay before the next attempt
         self._kick = asyncio.Event()
         # One actor at a time on ownership: a reconcile pass, a handoff, a forced hand-over.
         self._acting = asyncio.Lock()
@@ -353,7 +354,13 @@ class Node:
             if record is not None and self.coordinator.holds(record):
                 log.info("acquired topic=%s epoch=%d (%s)", topic, record.epoch, reason)
                 stream.record("acquired", node=self.node_id, epoch=record.epoch, reason=reason)
+                self._acquire_retry.pop(topic, None)
                 return True
+            # Refused: held meanwhile, or the lock-delay after a dead owner. Try again soon
+            # (sooner than the reconcile tick): the lock-delay ends at a time we cannot see.
+            delay = min(self._acquire_retry.get(topic, 0.025) * 2, _TICK)
+            self._acquire_retry[topic] = delay
+            asyncio.get_running_loop().call_later(delay, self.kick)
         elif isinstance(action, reconcile.Follow):
             if self.follower is not None:
                 await self.follower.follow(stream, action.owner)
@@ -363,6 +370,7 @@ class Node:
         elif isinstance(action, reconcile.Forget):
             self.registry.remove(topic)
             self._acquire_reasons.pop(topic, None)
+            self._acquire_retry.pop(topic, None)
         return False
 
     def _acquire_reason(self, why: str, stream: TopicStream) -> str:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from subsys.node.inspect import local_state
 from subsys.web.appkeys import HTTP, NODE
-from subsys.web.peer import authorised, peer_headers
+from subsys.web._net import authorised, peer_headers, refuses
 
 __all__ = ["setup_internal", "PeerClient", "PeerUnavailable", "own_state", "refuses", "STATE_EXTRAS", "REAPER"]
 
@@ -143,27 +143,3 @@ class PeerClient:
                                   refused=refused) from None  # fmt: skip
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise PeerUnavailable(f"{type(exc).__name__}: {exc}") from None
-
-
-async def refuses(address: str, *, attempts: int = 2, gap: float = 0.2) -> bool:
-    """A death certificate: ``address`` refused a TCP connection ``attempts`` times, ``gap`` apart.
-
-    Nothing listens there, so the process that did is gone; a stopped, slow or
-    partitioned process times out (or answers) instead, and never earns one.
-    """
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(address)
-    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
-    for attempt in range(attempts):
-        if attempt:
-            await asyncio.sleep(gap)
-        try:
-            _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-        except ConnectionRefusedError:
-            continue
-        except (OSError, asyncio.TimeoutError):
-            return False
-        writer.close()
-        return False
-    return True

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import random
@@ -41,6 +40,7 @@ from subsys.logs import RepeatedLog
 from subsys.node.node import Node
 from subsys.node.stream import TopicStream
 from subsys.web.appkeys import NODE, PEERS
+from subsys.web._net import authorised, peer_headers, refuses
 from subsys.web.outbox import Outbox, SendFailed
 from subsys.web.ws import send_text
 
@@ -51,18 +51,6 @@ log = logging.getLogger(__name__)
 PEER_PATH = "/internal/peer"
 FOLLOW_RETRY_INITIAL = 0.2
 FOLLOW_RETRY_MAX = 5.0
-
-
-def peer_headers(secret: str, node_id: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {secret}", "X-Subsys-Node": node_id}
-
-
-def authorised(request: web.Request, secret: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token or not secret:
-        return False
-    return hmac.compare_digest(token.encode(), secret.encode())
 
 
 def setup_peer_link(app: web.Application, node: Node) -> None:
@@ -224,13 +212,14 @@ class _Link:
     async def _run(self) -> None:
         node = self.links.node
         headers = peer_headers(node.settings.cluster_secret, node.node_id)
-        backoff = 0.1
+        backoff = 0.0  # the first retry after a drop is immediate: a dead owner shows at once
         while self.topics:
+            refused = False
             try:
                 async with self.links.session.ws_connect(
                     self.address + PEER_PATH, headers=headers, heartbeat=5.0, max_msg_size=0
                 ) as ws:
-                    self.ws, backoff, self.connected_at = ws, 0.1, time.time()
+                    self.ws, backoff, self.connected_at = ws, 0.0, time.time()
                     self.links.repeats.clear(f"link:{self.address}", "peer link to %s is back", self.address)
                     for topic in list(self.topics):
                         if self.links.should_send(topic):
@@ -244,16 +233,26 @@ class _Link:
                 self.links.repeats.log(
                     f"link:{self.address}", logging.WARNING, "peer link to %s refused: HTTP %s", self.address, exc.status
                 )
+            except aiohttp.ClientConnectorError as exc:
+                refused = isinstance(exc.os_error, ConnectionRefusedError)
+                self.links.repeats.log(
+                    f"link:{self.address}", logging.INFO, "peer link to %s failed: %s", self.address, exc.os_error
+                )
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 self.links.repeats.log(
                     f"link:{self.address}", logging.INFO, "peer link to %s failed: %r", self.address, exc
                 )
             finally:
                 self.ws, self.connected_at = None, None
-            if self.topics:
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, 2.0)
-                node.kick()  # the owner may be gone: let reconcile look at the view
+            if not self.topics:
+                break
+            if refused:
+                # Nothing listens at the owner's address: maybe a dead process. Check, and if
+                # it is, end its session now rather than wait out its check TTL.
+                await self.links.certify(self.address)
+            node.kick()  # the owner may be gone: let reconcile look at the view
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(max(backoff * 2, 0.1), 2.0)
 
 
 class PeerLinks:
@@ -267,6 +266,8 @@ class PeerLinks:
         self._session: aiohttp.ClientSession | None = None
         self.repeats = RepeatedLog(log)
         self.follow_requests = 0  # follow frames sent (a storm shows here first)
+        self.certificates = 0  # sessions of dead owners this node ended early
+        self._certifying: set[str] = set()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -350,6 +351,41 @@ class PeerLinks:
         )  # fmt: skip
         self.node.kick()
 
+    async def certify(self, address: str) -> None:
+        """A death certificate for the process at ``address``, and the end of its session.
+
+        The certificate is two refused connections a short interval apart (nothing listens
+        there: a SIGSTOPped, slow or partitioned process accepts or times out instead). Its
+        session is destroyed only if the owner records still name it, so a node restarted
+        meanwhile (a new session) is never touched. Safety does not rest on it: a process
+        wrongly judged dead loses its keys, fences itself, and clients refuse its older epoch.
+        """
+        node = self.node
+        if not node.settings.consul.fast_failover or address in self._certifying:
+            return
+        view = node.coordinator.view
+        held = {rec.holder: rec.node_id for rec in view.owners.values() if rec.address == address and rec.holder}
+        if not held:
+            return
+        self._certifying.add(address)
+        try:
+            if not await refuses(address, attempts=2, gap=0.1):
+                return
+            for session, owner_node in held.items():
+
+                def still_named(_info: dict[str, Any], _status: dict[str, str], session: str = session) -> bool:
+                    return any(r.holder == session and r.address == address for r in view.owners.values())
+
+                try:
+                    if await node.coordinator.destroy_session_if(session, still_dead=still_named):
+                        self.certificates += 1
+                        log.warning("death certificate: %s (%s) refuses connections; destroyed its session %s",
+                                    owner_node, address, session)  # fmt: skip
+                except Exception as exc:  # the check TTL still ends it, only later
+                    log.warning("could not end the session of dead %s: %s", owner_node, exc)
+        finally:
+            self._certifying.discard(address)
+
     def describe(self) -> dict[str, Any]:
         return {
             "outbound": [
@@ -359,6 +395,7 @@ class PeerLinks:
             ],  # fmt: skip
             "inbound": [{"node": conn.peer_node, "topics": len(conn.outbox.topics)} for conn in self.inbound],
             "follow_requests": self.follow_requests,
+            "death_certificates": self.certificates,
         }
 
     async def close_inbound(self) -> None:
