@@ -273,7 +273,7 @@ async def reap_zombies(request: web.Request) -> web.Response:
     result = await service.reap(selected, dry_run=body.dry_run, by=principal.token_id)
     for outcome in result.outcomes:
         audit(principal, "reap" if not body.dry_run else "reap (dry run)", outcome.id,
-              "ok" if outcome.done else outcome.detail, started, action=outcome.action)  # fmt: skip
+              "ok" if outcome.done else outcome.detail, started, reap_action=outcome.action)  # fmt: skip
     return json_model(result)
 
 
