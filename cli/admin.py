@@ -49,6 +49,8 @@ class ExitCode(IntEnum):
     NOT_FOUND = 6  # no such topic or node
     CONFLICT = 7  # refused (409) or not done in time (502/504), e.g. a failover of an unowned topic
     ABORTED = 8  # a confirmation declined or impossible (no TTY, no --yes): nothing done
+    ZOMBIES = 9  # not an error: `subsys zombies` (and its --dry-run) found zombies (monitoring alerts on it)
+    REAP_FAILED = 10  # `subsys zombies --reap` ran, and some reap action failed (the summary says which and why)
 
 
 class Stop(Exception):
@@ -81,7 +83,7 @@ class Ctx:
         if shown is not None:
             self.out.print(shown)
         note = render.partial_note(model) if isinstance(model, (api.NodeList, api.TopicPage, api.ClusterSummary,
-                                                                  api.TopicDetail)) else None  # fmt: skip
+                                                                  api.TopicDetail, api.ZombieList)) else None  # fmt: skip
         if note is not None:
             self.err.print(note)
 
@@ -157,7 +159,10 @@ def _failed(ctx: Ctx, exit: ExitCode, code: str, message: str, status: int = 0) 
 
 
 def confirm(ctx: Ctx, what: str, yes: bool) -> bool:
-    """Ask before doing ``what`` (one sentence naming exactly what will happen); True if asked and agreed.
+    """Ask before doing ``what`` (naming exactly what will happen); True if asked and agreed.
+
+    ``what`` is one sentence, or a heading and a list (lines): then the
+    question gets a line of its own.
 
     With ``--yes`` nothing is asked (and False returned: nobody waited, so
     nothing can have changed meanwhile). Without a terminal on stdin there
@@ -167,11 +172,12 @@ def confirm(ctx: Ctx, what: str, yes: bool) -> bool:
         return False
     if not sys.stdin.isatty():
         raise Stop(ExitCode.ABORTED, "aborted",
-                   f"not confirmed (stdin is not a terminal; pass --yes to skip the question): {what} "
+                   f"not confirmed (stdin is not a terminal; pass --yes to skip the question): {what.rstrip()} "
                    "Nothing done.")  # fmt: skip
     # Our own prompt rather than click.confirm: the question goes to stderr and nothing to stdout,
     # which stays the answer's alone (one JSON document with --json).
-    ctx.err.print(escape(f"{what} Continue? [y/N] "), end="", highlight=False)
+    separator = "\n" if "\n" in what else " "
+    ctx.err.print(escape(f"{what.rstrip()}{separator}Continue? [y/N] "), end="", highlight=False)
     # asyncio.run's SIGINT handler only cancels the main task, which a blocking read never notices:
     # for the prompt, Ctrl-C raises here again, and declines.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)

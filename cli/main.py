@@ -248,6 +248,37 @@ def undrain(
 
 
 @app.command()
+def zombies(
+    reap: bool = typer.Option(False, "--reap", help="Reap them: say every action and ask (unless --yes), carry "
+                                                    "them out with a progress line, then say what was done, what "
+                                                    "failed and why."),  # fmt: skip
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what --reap would do; change nothing."),
+    kind: Optional[str] = typer.Option(None, "--kind", metavar="KIND",
+                                       help="Only this kind (orphan_poller, duplicate_poller, stuck_owner, "
+                                            "idle_owner, stale_presence, dead_session, leaked_registration, "
+                                            "released_key)."),  # fmt: skip
+    topic: Optional[str] = typer.Option(None, "--topic", metavar="TOPIC", help="Only zombies of this topic."),
+    node: Optional[str] = typer.Option(None, "--node", metavar="NODE", help="Only zombies involving this node."),
+    ids: Optional[List[str]] = typer.Option(None, "--id", metavar="ID",
+                                            help="Only this zombie (its id, KIND:SUBJECT, as --json shows it); "
+                                                 "repeatable."),  # fmt: skip
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Under each zombie: its evidence and its actions."),
+    yes: bool = YesOpt,
+    url: Optional[List[str]] = UrlOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Zombies: what disagrees with the source of truth (a poller nobody owns, a key of a dead node, ...).
+
+    Exit 0: none; 9: some (also for --dry-run); after --reap: 0, or 10 if some action failed.
+    """
+    from subsys.cli import zombies as command
+
+    _admin(url, as_json, lambda ctx, client: command.zombies(
+        ctx, client, kind=kind, topic=topic, node=node, ids=ids, verbose=verbose, reap=reap, dry_run=dry_run,
+        yes=yes))  # fmt: skip
+
+
+@app.command()
 def console(
     url: Optional[List[str]] = UrlOpt,
     read_only: bool = typer.Option(False, "--read-only", help="Offer no actions, even with an operator token."),

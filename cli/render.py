@@ -8,12 +8,14 @@ without their scheme; long text (reasons, errors) wraps in the last column.
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 from rich import box
 from rich.console import Group, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -31,6 +33,13 @@ __all__ = [
     "topics_table",
     "topic_view",
     "history_rows",
+    "short_id",
+    "action_text",
+    "evidence_value",
+    "zombie_details",
+    "zombies_view",
+    "reap_question",
+    "reap_view",
 ]
 
 STATE_STYLE = {"ok": "green", "error": "bold red", "starting": "yellow", "unowned": "magenta"}
@@ -107,7 +116,8 @@ def _num(value: int | None, warn: bool = False, style: str = "red") -> Text:
     return Text(str(value), style=style if warn and value else "")
 
 
-def partial_note(answer: api.NodeList | api.TopicPage | api.ClusterSummary | api.TopicDetail) -> Text | None:
+def partial_note(answer: api.NodeList | api.TopicPage | api.ClusterSummary | api.TopicDetail | api.ZombieList
+                 ) -> Text | None:  # fmt: skip
     """Which nodes did not answer (their part of the answer is missing), or None."""
     if not answer.partial:
         return None
@@ -296,3 +306,237 @@ def history_rows(history: list[api.HistoryEntry]) -> list[dict[str, object]]:
 
 
 _FROM = re.compile(r"\(from ([^()\s]+)\)\s*$")  # a handed-over topic's reason (node.py)
+
+
+# -- zombies ---------------------------------------------------------------------------------
+
+# Each piece of a zombie's evidence (subsys.node.zombies builds it): a short label, and which source said it.
+# An unknown key (a newer node's) is shown under its own name.
+_EVIDENCE = {
+    "why": ("why", ""),
+    "pollers": ("pollers", "the nodes' own reports"),
+    "owner_key": ("owner key", "the coordinator"),
+    "presence_key": ("presence key", "the coordinator"),
+    "sessions": ("sessions", "the nodes' own reports"),
+    "session": ("session", "the coordinator"),
+    "node": ("node", "the coordinator"),
+    "holds": ("keys held", "the coordinator"),
+    "checks": ("checks", "Consul"),
+    "db_connections": ("db connections", "PostgreSQL's pg_stat_activity"),
+    "presence": ("presence", "the coordinator"),
+    "grace": ("grace period", "the node's settings"),
+    "reserved_for": ("reserved for", "the coordinator"),
+    "hold_ended_ago": ("hold ended", "the coordinator"),
+    "last_poll_ago": ("last poll", "the node's own report"),
+    "agent_of": ("agent of", ""),
+    "registration": ("registration", "a Consul agent"),
+}
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def short_id(value: str, full: bool = False) -> str:
+    """A Consul session id (a UUID) as its first 8 characters and "…"; anything else as it is."""
+    return value if full or not _UUID.match(value) else value[:8] + "…"
+
+
+def action_text(action: dict[str, Any], full: bool = False) -> str:
+    """What one reap action does, in words (``full``: session ids unshortened)."""
+    do = action.get("do")
+    try:
+        if do == "destroy_session":
+            return (f"destroy session {short_id(str(action['session']), full)} of {action['node']} "
+                    "(Consul deletes its keys)")  # fmt: skip
+        if do == "delete_key":
+            key = action["key"]
+            what = f"{key['topic']}@{key['node']}" if key["kind"] == "presence" else key.get("topic") or key.get("node")
+            return f"delete the {key['kind']} key of {what} (at index {key['index']}, if unchanged since)"
+        if do == "stop_poller":
+            return (f"stop {action['node']}'s poller of {action['topic']} (epoch {action['epoch']}), "
+                    "closing its database connection if it hangs")  # fmt: skip
+        if do == "release":
+            return f"make {action['node']} release {action['topic']} (epoch {action['epoch']}): nobody subscribes"
+        if do == "deregister":
+            return f"deregister {action['service_id']} from {action['node']}'s Consul agent"
+    except (KeyError, TypeError):
+        pass
+    return json.dumps(action, sort_keys=True)  # an action this CLI does not know (a newer node's): as it is
+
+
+def _action_short(action: dict[str, Any]) -> str:
+    do = str(action.get("do"))
+    return {"stop_poller": "stop poller", "delete_key": "delete key", "destroy_session": "destroy session",
+            "release": "release", "deregister": "deregister"}.get(do, do)  # fmt: skip
+
+
+def _reap_cell(zombie: api.Zombie) -> Text:
+    actions = [_action_short(a) for a in zombie.actions]
+    text = Text("; ".join(dict.fromkeys(actions)) or "-")
+    if not zombie.auto:
+        text.append(" (manual)", style="yellow")
+    return text
+
+
+def _key_text(key: Any, full: bool) -> str:
+    if not isinstance(key, dict):
+        return "none"
+    holder, node = key.get("holder"), key.get("node")
+    held = f"held by {short_id(str(holder), full)}" if holder else "released (held by nobody)"
+    return f"{held} at index {key.get('index')}" + (f", for {node}" if node and node != holder else "")
+
+
+def evidence_value(name: str, value: Any, full: bool = False) -> str:
+    """One piece of evidence, readably, with its values."""
+    if value is None:
+        return "unknown" if name == "db_connections" else "none"
+    if name == "pollers" and isinstance(value, list):
+        return "; ".join(f"{p.get('node')} epoch {p.get('epoch')}"
+                         + (" STUCK (did not stop when told)" if p.get("stuck") else "") for p in value)  # fmt: skip
+    if name in ("owner_key", "presence_key"):
+        return _key_text(value, full)
+    if name == "sessions" and isinstance(value, dict):
+        return ", ".join(f"{n} runs with {short_id(str(s), full) if s else 'no session'}" for n, s in value.items())
+    if name == "db_connections":
+        if isinstance(value, dict):
+            return ", ".join(f"{n}: {'?' if c is None else c} open" for n, c in value.items()) or "none"
+        return f"{value} open"
+    if name == "session" and isinstance(value, str):
+        return short_id(value, full)
+    if name == "checks" and isinstance(value, dict):
+        return ", ".join(f"{c}: {s}" for c, s in value.items()) or "none"
+    if name == "holds" and isinstance(value, list):
+        return ", ".join(map(str, value)) or "no keys"
+    if name == "presence" and isinstance(value, list):
+        return ", ".join(map(str, value)) or "no node has subscribers"
+    if name in ("hold_ended_ago", "last_poll_ago") and isinstance(value, (int, float)):
+        return f"{value:g}s ago"
+    if name == "grace" and isinstance(value, (int, float)):
+        return f"{value:g}s"
+    if name == "registration" and isinstance(value, dict):
+        return (f"{value.get('service_id')} of {value.get('node')}"
+                + (f" (incarnation {value['incarnation']})" if value.get("incarnation") else ""))  # fmt: skip
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def zombie_details(zombie: api.Zombie, kinds: dict[str, str], auto_reap: bool = True,
+                   now: float | None = None) -> RenderableType:  # fmt: skip
+    """Under a zombie's row (``-v``): what its kind means, its evidence source by source, and the reap."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="dim", no_wrap=True, min_width=14)
+    grid.add_column(overflow="fold")
+    if zombie.kind in kinds:
+        grid.add_row("what", kinds[zombie.kind])
+    evidence = dict(zombie.evidence)
+    if "why" in evidence:  # the conclusion first, then the facts it rests on
+        grid.add_row("why", Text(str(evidence.pop("why")), style="yellow"))
+    for name, value in evidence.items():
+        label, source = _EVIDENCE.get(name, (name.replace("_", " "), ""))
+        text = Text(evidence_value(name, value, full=True))
+        if source:
+            text.append(f"  ({source})", style="dim")
+        grid.add_row(label, text)
+    for action in zombie.actions:
+        grid.add_row("reap", Text(action_text(action, full=True), style="bold"))
+    seen = f"first seen {ago(zombie.first_seen, now)}, on {zombie.scans} consecutive scans; "
+    if not zombie.auto:
+        seen += "only an operator's reap fixes it"
+    elif auto_reap:
+        seen += "the janitor reaps it on its own"
+    else:
+        seen += "safe for the janitor to reap, but the janitor is off"
+    grid.add_row("seen", seen)
+    return Padding(grid, (0, 0, 1, 4))
+
+
+def zombies_view(listing: api.ZombieList, *, verbose: bool = False, now: float | None = None) -> RenderableType:
+    """A row per zombie (kind, subject, nodes, first seen, what a reap does); ``verbose``: details under each."""
+    footer = _zombies_footer(listing, now)
+    if not listing.zombies:
+        return Group(Text("no zombies", style="green"), footer)
+    headers = ("KIND", "SUBJECT", "NODES", "SINCE", "REAP")
+    rows = [(z.kind, short_id(z.subject), ", ".join(z.nodes) or "-", ago(z.first_seen, now), _reap_cell(z))
+            for z in listing.zombies]  # fmt: skip
+    if not verbose:
+        table = _table(*headers)
+        for z, row in zip(listing.zombies, rows):
+            table.add_row(Text(row[0], style="bold red"), *row[1:])
+        return Group(table, footer)
+    # One table per zombie with the same column widths, so the rows line up with the details between them
+    # (the last column takes what is left, and wraps if it must).
+    widths = [max(len(h), *(len(c if isinstance(c, str) else c.plain) for c in col))
+              for h, col in zip(headers[:-1], zip(*rows))]  # fmt: skip
+    parts: list[RenderableType] = []
+    for index, (z, row) in enumerate(zip(listing.zombies, rows)):
+        table = _table(*headers)
+        table.show_header = index == 0
+        for column, width in zip(table.columns, widths):
+            column.width = width
+        table.add_row(Text(row[0], style="bold red"), *row[1:])
+        parts += [table, zombie_details(z, listing.kinds, listing.auto_reap and bool(listing.janitor), now)]
+    return Group(*parts, footer)
+
+
+def _zombies_footer(listing: api.ZombieList, now: float | None) -> Text:
+    n = len(listing.zombies)
+    text = Text(f"{n} zombie{'s' if n != 1 else ''}; " if n else "", style="dim")
+    text.append(f"scanned by {listing.answered_by} {ago(listing.scanned_at, now)}; ", style="dim")
+    if listing.auto_reap and listing.janitor:
+        text.append(f"{listing.janitor} (the janitor) reaps what is safe on its own", style="dim")
+    else:
+        text.append("nothing reaps them on its own (the janitor is off)", style="dim")
+    if listing.reaped:
+        text.append(f"; reaped by {listing.answered_by} so far: "
+                    f"{', '.join(f'{c} {k}' for k, c in sorted(listing.reaped.items()))}", style="dim")  # fmt: skip
+    return text
+
+
+def reap_question(zombies: list[api.Zombie]) -> str:
+    """The confirmation of a reap: every action, in words."""
+    n = len(zombies)
+    lines = [f"Reap {n} zombie{'s' if n != 1 else ''} (each action is carried out only if its evidence still "
+             "holds then):"]  # fmt: skip
+    for z in zombies:
+        lines += [f"  - {z.kind} {short_id(z.subject)}: {action_text(a)}" for a in z.actions]
+    return "\n".join(lines) + "\n"
+
+
+def _outcomes_grid(outcomes: list[api.ReapOutcome], dry_run: bool) -> Table:
+    """One line per action (wrapped lines indented under it): a mark, the zombie, the action, why not done."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for outcome in outcomes:
+        if dry_run:
+            mark, style = "-", ""
+        elif outcome.done:
+            mark, style = "✓", "green"
+        elif outcome.detail.startswith("failed"):
+            mark, style = "✗", "bold red"
+        else:
+            mark, style = "·", "yellow"
+        text = Text(f"{outcome.kind} {short_id(outcome.subject)}: ", style="bold")
+        text.append(action_text(outcome.action))
+        if not dry_run and not outcome.done:
+            text.append(f"\n{'failed' if mark == '✗' else 'not done'}: ", style=style)
+            text.append(outcome.detail.removeprefix("failed: "))
+        grid.add_row(Text(mark, style=style), text)
+    return grid
+
+
+def reap_view(result: api.ReapResult) -> RenderableType:
+    """A reap's summary: what was done, what failed and why, what was not needed any more."""
+    if result.dry_run:
+        if not result.outcomes:
+            return Text("Dry run: nothing to reap.", style="green")
+        head = Text("\nDry run, nothing changed. A reap would:", style="bold")
+        return Group(head, _outcomes_grid(result.outcomes, True))
+    if not result.outcomes:
+        return Text("no zombies: nothing to reap.", style="green")
+    ids = list(dict.fromkeys(o.id for o in result.outcomes))
+    reaped = sum(1 for i in ids if any(o.done for o in result.outcomes if o.id == i))
+    head = Text(f"Reaped {reaped} of {len(ids)} zombie{'s' if len(ids) != 1 else ''}: ",
+                style="bold red" if result.failed else "bold")  # fmt: skip
+    head.append(f"{result.reaped} action{'s' if result.reaped != 1 else ''} done, {result.failed} failed, "
+                f"{result.skipped} not needed any more.")  # fmt: skip
+    return Group(_outcomes_grid(result.outcomes, False), head)

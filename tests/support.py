@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import sys
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -294,3 +297,60 @@ class Watcher:
     async def stop(self) -> None:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+# -- the subsys command, as a subprocess -------------------------------------------
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    @property
+    def said(self) -> str:
+        """stderr with rich's line wrapping undone."""
+        return " ".join(self.err.split())
+
+    @property
+    def shown(self) -> str:
+        """stdout with rich's line wrapping undone."""
+        return " ".join(self.out.split())
+
+
+def cli_env(url: str | None, token: str | None, **extra: str) -> dict[str, str]:
+    """The environment of a ``subsys`` subprocess: ours without SUBSYS_*, 80 columns, no colour."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBSYS_")}
+    env.update(COLUMNS="80", NO_COLOR="1", TERM="dumb")
+    if url is not None:
+        env["SUBSYS_URL"] = url
+    if token is not None:
+        env["SUBSYS_TOKEN"] = token
+    env.update(extra)
+    return env
+
+
+async def run_cli(*args: str, url: str | None, token: str | None, stdin: int | bytes | None = None,
+                  timeout: float = 90, **env: str) -> CliResult:  # fmt: skip
+    """Run ``python -m subsys ARGS`` without blocking the loop (the node under test runs in it).
+
+    ``stdin``: bytes to pipe in, a file descriptor (a pty), or nothing (/dev/null).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "subsys", *args, env=cli_env(url, token, **env),
+        stdin=asyncio.subprocess.PIPE if isinstance(stdin, bytes) else (stdin if stdin is not None else
+                                                                        asyncio.subprocess.DEVNULL),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin if isinstance(stdin, bytes) else None), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return CliResult(proc.returncode if proc.returncode is not None else -1, out.decode(), err.decode())

@@ -3,6 +3,7 @@
     async with AdminClient(["http://127.0.0.1:8080"], token=os.environ["SUBSYS_TOKEN"]) as admin:
         page = await admin.topics(sort="last_poll_ms", order="desc")
         result = await admin.failover("orders:42", to="node-2")
+        found = await admin.zombies(kind="orphan_poller")
 
 Responses are the models of :mod:`subsys.core.admin`. Errors are typed
 (:class:`Unreachable`, :class:`Unauthorized`, :class:`Forbidden`,
@@ -57,7 +58,7 @@ class Forbidden(AdminError):
 
 
 class NotFound(AdminError):
-    """404: no such node or topic."""
+    """404: no such node, topic or zombie."""
 
 
 class Conflict(AdminError):
@@ -166,12 +167,20 @@ class AdminClient:
 
     async def zombies(self, *, kind: str | None = None, topic: str | None = None,
                       node: str | None = None) -> api.ZombieList:  # fmt: skip
+        """Confirmed zombies now (the node scans, twice ~1 s apart when it has no recent scan)."""
         return await self._get("/zombies", api.ZombieList, kind=kind, topic=topic, node=node)
 
-    async def reap(self, *, ids: list[str] | None = None, kind: str | None = None, topic: str | None = None,
-                   node: str | None = None, dry_run: bool = False) -> api.ReapResult:  # fmt: skip
-        body = api.ReapRequest(ids=ids, kind=kind, topic=topic, node=node, dry_run=dry_run)
-        return await self._post("/zombies/reap", api.ReapResult, body.model_dump(), timeout=120)
+    async def reap(
+        self, *, ids: Sequence[str] | None = None, kind: str | None = None, topic: str | None = None,
+        node: str | None = None, dry_run: bool = False,
+    ) -> api.ReapResult:  # fmt: skip
+        """Reap zombies: those in ``ids`` (default: every one) that match the filters; ``dry_run`` only says what.
+
+        404 (:class:`NotFound`, code ``unknown_zombie``) when ``ids`` names only zombies that are gone.
+        """
+        request = api.ReapRequest(ids=list(ids) if ids is not None else None, kind=kind, topic=topic, node=node,
+                                  dry_run=dry_run)  # fmt: skip
+        return await self._post("/zombies/reap", api.ReapResult, request.model_dump(mode="json"), timeout=90)
 
     async def openapi(self) -> dict[str, Any]:
         return await self._request("GET", "/openapi.json")

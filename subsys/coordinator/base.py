@@ -166,7 +166,8 @@ class Coordinator(abc.ABC):
         """True while this node is registered and its view is live."""
 
     def health(self) -> dict[str, Any]:
-        return {"kind": self.kind, "ready": self.ready}
+        # "session": what holds this node's keys (the zombie scan compares it with every key's holder).
+        return {"kind": self.kind, "ready": self.ready, "session": self.holder_id}
 
     # -- ownership ---------------------------------------------------------
 

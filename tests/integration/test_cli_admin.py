@@ -11,18 +11,15 @@ or impossible confirmation changes nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import pty
-import sys
-from dataclasses import dataclass
 
 import pytest
 
 from subsys.client.admin import AdminClient
 from subsys.client.ws import connect
 
-from support import Subscription, db_execute, eventually, free_port
+from support import CliResult, Subscription, db_execute, eventually, free_port, run_cli
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,49 +29,10 @@ SCHEMA = "create table items (id int primary key, grp int not null, v int not nu
 FEED = {"sql": "select id, v from items where grp = $1 order by id", "key": ["id"], "param": "int", "interval": 0.1}
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def json(self):
-        return json.loads(self.out)
-
-    @property
-    def said(self) -> str:
-        """stderr with rich's line wrapping undone."""
-        return " ".join(self.err.split())
-
-
-def _env(url: str | None, token: str | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBSYS_")}
-    env.update(COLUMNS="80", NO_COLOR="1", TERM="dumb")
-    if url is not None:
-        env["SUBSYS_URL"] = url
-    if token is not None:
-        env["SUBSYS_TOKEN"] = token
-    env.update(extra)
-    return env
-
-
 async def cli(*args: str, url: str | None, token: str | None = OPERATOR, stdin: int | bytes | None = None,
-              timeout: float = 90, **env: str) -> Result:  # fmt: skip
-    """Run ``python -m subsys ARGS``; ``stdin``: bytes to pipe in, a file descriptor (a pty), or nothing."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "subsys", *args, env=_env(url, token, **env),
-        stdin=asyncio.subprocess.PIPE if isinstance(stdin, bytes) else (stdin if stdin is not None else
-                                                                        asyncio.subprocess.DEVNULL),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin if isinstance(stdin, bytes) else None), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return Result(proc.returncode, out.decode(), err.decode())
+              timeout: float = 90, **env: str) -> CliResult:  # fmt: skip
+    """``subsys ARGS`` as a subprocess, with an operator token unless told otherwise."""
+    return await run_cli(*args, url=url, token=token, stdin=stdin, timeout=timeout, **env)
 
 
 @pytest.fixture
