@@ -155,6 +155,8 @@ class Publication:
     seq: int
     body: dict[str, Any] = field(default_factory=dict)
     _wire: dict[str, str] = field(default_factory=dict)
+    # Transport encodings of ``wire()`` (e.g. WebSocket frame bytes), built once for every receiver.
+    frames: dict[str, bytes] = field(default_factory=dict)
 
     def wire(self, as_type: str | None = None) -> str:
         frame_type = as_type or self.kind

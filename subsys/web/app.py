@@ -28,7 +28,7 @@ from subsys.web.appkeys import NODE, PEERS
 from subsys.web.admin import setup_admin
 from subsys.web.health import EXTRA_COLLECTORS, add_health_routes
 from subsys.web.internal import setup_internal
-from subsys.web.ws import close_all, websocket_handler
+from subsys.web.ws import close_all, heartbeats, websocket_handler
 
 __all__ = ["make_app", "make_coordinator", "async_run", "new_incarnation", "graceful_stop"]
 
@@ -76,6 +76,7 @@ def make_app(settings: Settings, *, coordinator: Coordinator | None = None) -> w
 async def _node_ctx(app: web.Application) -> AsyncIterator[None]:
     node = app[NODE]
     await node.start()
+    node.spawn(heartbeats(node), name="client-heartbeats")
     log.info(
         "node %s up (incarnation %s): coordinator=%s feeds=%s",
         node.node_id, node.incarnation, node.coordinator.kind, ", ".join(node.settings.feeds),

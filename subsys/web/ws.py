@@ -27,7 +27,9 @@ from subsys.node.node import Node
 from subsys.web.appkeys import NODE
 from subsys.web.outbox import Outbox, SendFailed
 
-__all__ = ["ClientConnection", "websocket_handler", "close_all", "close_slow", "send_text", "CLOSE_SLOW_CONSUMER"]
+__all__ = [
+    "ClientConnection", "websocket_handler", "heartbeats", "close_all", "close_slow", "send_text", "CLOSE_SLOW_CONSUMER",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 _repeats = RepeatedLog(log, every=60.0)
@@ -70,20 +72,54 @@ class _TokenBucket:
         return False
 
 
-class ClientConnection:
-    """One client socket: its subscriptions, its limits and its outbox."""
+class _SocketWriter:
+    """The fast path's way out: frame bytes straight to the connection's transport."""
 
-    def __init__(self, *, ws: web.WebSocketResponse, node: Node, limits: LimitsConfig, peer: str) -> None:
+    __slots__ = ("ws", "transport")
+    HIGH_WATER = 64 * 1024  # asyncio's own high-water mark: beyond it, the queue and a writer take over
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
+        self.ws, self.transport = ws, transport
+
+    def writable(self) -> bool:
+        transport = self.transport
+        return not self.ws.closed and not transport.is_closing() and transport.get_write_buffer_size() < self.HIGH_WATER
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class ClientConnection:
+    """One client socket: its subscriptions, its limits and its outbox.
+
+    Lean on purpose (``__slots__``, no task while idle): a node holds thousands.
+    """
+
+    __slots__ = (
+        "id", "ws", "node", "limits", "peer", "request", "topics", "connected_at", "heard_at", "pinged_at",
+        "_bucket", "_rate_limited_told", "outbox", "writer", "closing",
+    )  # fmt: skip
+
+    def __init__(
+        self, *, ws: web.WebSocketResponse, node: Node, limits: LimitsConfig, peer: str, request: web.Request
+    ) -> None:
         self.id = next(_ids)
         self.ws = ws
         self.node = node
         self.limits = limits
         self.peer = peer
+        self.request = request
         self.topics: set[str] = set()
         self.connected_at = time.time()
         self.heard_at = time.monotonic()  # the last frame of any kind from the client (heartbeat)
+        self.pinged_at: float | None = None  # a heartbeat ping waits for an answer since
         self._bucket = _TokenBucket(limits.messages_per_second, limits.message_burst)
         self._rate_limited_told = 0.0
+        self.writer: asyncio.Task | None = None  # only while there is a backlog
+        self.closing: asyncio.Task | None = None
+        # Compressed sockets have per-connection state: they cannot share frame bytes.
+        transport = request.transport
+        direct = _SocketWriter(ws, transport) if transport is not None and not ws.compress else None
         self.outbox = Outbox(
             send=functools.partial(send_text, ws),
             current=self._current,
@@ -91,7 +127,13 @@ class ClientConnection:
             send_timeout=limits.send_timeout,
             # Every frame within the rate limit gets its reply, even a full burst sent at once.
             control_limit=max(64, 2 * limits.message_burst),
+            direct=direct,
+            on_backlog=self._start_writer,
         )
+
+    def _start_writer(self) -> None:
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.get_running_loop().create_task(_run_writer(self), name=f"ws-writer-{self.id}")
 
     def _current(self, topic: str) -> tuple[Publication | None, Publication | None]:
         stream = self.node.registry.get(topic)
@@ -211,17 +253,20 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         )  # fmt: skip
     limits = node.settings.limits
     ws = web.WebSocketResponse(
-        # The heartbeat is ours (_run_heartbeat): aiohttp's drops an unanswering client without
+        # The heartbeat is ours (heartbeats): aiohttp's drops an unanswering client without
         # a close frame, and it hides pongs from us (autoping), which our heartbeat must see.
         heartbeat=None,
         autoping=False,
+        # permessage-deflate: off unless configured (limits.compression); it costs memory per
+        # connection and rules out the shared-frame fast path.
+        compress=limits.compression == "deflate",
         # Frames up to 4x the limit are read and answered with frame_too_large; beyond that
         # aiohttp closes with 1009 (message too big). aiohttp refuses a frame of exactly its
         # max_msg_size, hence the +1: a frame of exactly 4x is still answered.
         max_msg_size=limits.max_frame_bytes * 4 + 1,
     )
     await ws.prepare(request)
-    conn = ClientConnection(ws=ws, node=node, limits=limits, peer=request.remote or "?")
+    conn = ClientConnection(ws=ws, node=node, limits=limits, peer=request.remote or "?", request=request)
     node.clients.add(conn)
     conn.outbox.control(
         dumps(
@@ -237,10 +282,6 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             }
         )
     )
-    tasks = [
-        asyncio.create_task(_run_writer(conn, ws, request), name=f"ws-writer-{conn.id}"),
-        asyncio.create_task(_run_heartbeat(conn, ws, request), name=f"ws-heartbeat-{conn.id}"),
-    ]
     try:
         async for msg in ws:
             conn.heard_at = time.monotonic()
@@ -257,6 +298,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     finally:
         node.clients.discard(conn)
         conn.detach()
+        tasks = [task for task in (conn.writer, conn.closing) if task is not None and not task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -265,10 +307,11 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _run_writer(conn: ClientConnection, ws: web.WebSocketResponse, request: web.Request) -> None:
-    """The connection's writer; owned (cancelled and awaited) by its handler."""
+async def _run_writer(conn: ClientConnection) -> None:
+    """Send a connection's backlog, then end (the fast path takes over); owned by the connection."""
+    ws = conn.ws
     try:
-        await conn.outbox.run()
+        await conn.outbox.flush()
     except SendFailed as exc:
         # A send on a socket that is already closing (the client left, normally or not)
         # is how a connection ends: nothing to report. aiohttp raises ConnectionResetError
@@ -277,35 +320,43 @@ async def _run_writer(conn: ClientConnection, ws: web.WebSocketResponse, request
             log.debug("client socket closing; its writer stopped: %s", exc)
         else:
             log.warning("closing slow client socket %s: %s", conn.peer, exc)
-            await close_slow(ws, request, grace=conn.limits.send_timeout)
+            await close_slow(ws, conn.request, grace=conn.limits.send_timeout)
     except Exception:
         log.exception("client writer crashed; closing the socket")
         await ws.close(code=WSCloseCode.INTERNAL_ERROR)
 
 
-async def _run_heartbeat(conn: ClientConnection, ws: web.WebSocketResponse, request: web.Request) -> None:
-    """Ping a client quiet for ``limits.heartbeat``; one that does not answer within half of it is closed.
+_PING = b"\x89\x00"  # an unmasked WebSocket ping with no payload
+
+
+async def heartbeats(node: Node) -> None:
+    """One loop for every client socket (not a task per socket): ping a client quiet for
+    ``limits.heartbeat``; close one that does not answer within half of it.
 
     Whether it is gone or merely stopped reading cannot be told apart, so it is
     closed like a slow consumer: 4008 behind the data in flight, which a client
     that only paused still gets.
     """
-    interval = conn.limits.heartbeat
-    answer_within = interval / 2
+    limits = node.settings.limits
+    interval, answer_within = limits.heartbeat, limits.heartbeat / 2
     while True:
-        quiet = time.monotonic() - conn.heard_at
-        if quiet < interval:
-            await asyncio.sleep(interval - quiet)
-            continue
-        pinged_at = time.monotonic()
-        # The ping is written at once; only waiting for buffer room can block, and is bounded.
-        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, RuntimeError):
-            await asyncio.wait_for(ws.ping(), answer_within)
-        await asyncio.sleep(max(0.0, pinged_at + answer_within - time.monotonic()))
-        if conn.heard_at < pinged_at:
-            log.info("client %s did not answer a ping within %gs; closing it", conn.peer, answer_within)
-            await close_slow(ws, request, grace=conn.limits.send_timeout)
-            return
+        await asyncio.sleep(min(1.0, answer_within / 4))
+        now = time.monotonic()
+        for conn in list(node.clients):
+            if conn.closing is not None or conn.ws.closed:
+                continue
+            if conn.pinged_at is not None:
+                if conn.heard_at >= conn.pinged_at:
+                    conn.pinged_at = None
+                elif now - conn.pinged_at >= answer_within:
+                    log.info("client %s did not answer a ping within %gs; closing it", conn.peer, answer_within)
+                    conn.closing = asyncio.create_task(close_slow(conn.ws, conn.request, grace=limits.send_timeout))
+                continue
+            if now - conn.heard_at >= interval:
+                transport = conn.request.transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(_PING)  # a control frame may go ahead of any queued data
+                conn.pinged_at = now
 
 
 async def close_slow(ws: web.WebSocketResponse, request: web.Request, *, grace: float) -> None:

@@ -28,7 +28,7 @@ class FakeOutbox:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
-    async def run(self) -> None:
+    async def flush(self) -> None:
         raise self.exc
 
 
@@ -38,8 +38,10 @@ class FakeConnection:
     class limits:
         send_timeout = 0.1
 
-    def __init__(self, exc: BaseException) -> None:
+    def __init__(self, exc: BaseException, ws: FakeSocket) -> None:
         self.outbox = FakeOutbox(exc)
+        self.ws = ws
+        self.request = FakeRequest()
 
 
 def _send_failed(cause: BaseException) -> SendFailed:
@@ -60,21 +62,21 @@ def _send_failed(cause: BaseException) -> SendFailed:
 async def test_a_client_that_left_is_logged_at_debug_only(caplog, closed, cause) -> None:
     ws = FakeSocket(closed)
     caplog.set_level(logging.DEBUG, logger="subsys.web.ws")
-    await _run_writer(FakeConnection(_send_failed(cause)), ws, FakeRequest())
+    await _run_writer(FakeConnection(_send_failed(cause), ws))
     assert [r.levelno for r in caplog.records] == [logging.DEBUG], caplog.text
     assert "Traceback" not in caplog.text and ws.closes == []
 
 
 async def test_a_slow_client_is_closed_with_a_warning(caplog) -> None:
     ws = FakeSocket(closed=False)
-    await _run_writer(FakeConnection(_send_failed(asyncio.TimeoutError())), ws, FakeRequest())
+    await _run_writer(FakeConnection(_send_failed(asyncio.TimeoutError()), ws))
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert ws.closes == [CLOSE_SLOW_CONSUMER]
 
 
 async def test_a_real_crash_is_an_error_with_its_traceback_and_closes_the_socket(caplog) -> None:
     ws = FakeSocket(closed=False)
-    await _run_writer(FakeConnection(KeyError("bug")), ws, FakeRequest())
+    await _run_writer(FakeConnection(KeyError("bug"), ws))
     assert [r.message for r in caplog.records if r.levelno == logging.ERROR] == [
         "client writer crashed; closing the socket"
     ]
