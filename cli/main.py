@@ -48,7 +48,7 @@ def serve(
     log_format: Optional[str] = typer.Option(None, "--log-format", help="human or json."),
 ) -> None:
     """Run one node. Joins a Consul cluster when CONSUL_HTTP_ADDR (or the consul.address setting) is set."""
-    from subsys.web.app import async_run
+    from subsys.web.app import run_node
     from subsys.logs import setup_logging
 
     settings = _settings(config, host=host, port=port, node_id=node_id, log_format=log_format)
@@ -60,7 +60,10 @@ def serve(
         err.print("[bold red]config error:[/] database.url: not set (set DATABASE_URL or database.url)")
         raise typer.Exit(2)
     try:
-        asyncio.run(async_run(settings))
+        run_node(settings)
+    except ImportError as exc:  # node.event_loop = "uvloop" without uvloop installed
+        err.print(f"[bold red]config error:[/] node.event_loop: {exc} (install it: pip install 'subsys[fast]')")
+        raise typer.Exit(2) from None
     except (OSError, SubsysError) as exc:  # port taken, Consul refused us (ACL), ...
         err.print(f"[bold red]cannot serve:[/] {exc}")
         raise typer.Exit(1) from None

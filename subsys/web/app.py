@@ -12,6 +12,7 @@ database pool.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import signal
@@ -30,7 +31,7 @@ from subsys.web.health import EXTRA_COLLECTORS, add_health_routes
 from subsys.web.internal import setup_internal
 from subsys.web.ws import close_all, heartbeats, websocket_handler
 
-__all__ = ["make_app", "make_coordinator", "async_run", "new_incarnation", "graceful_stop"]
+__all__ = ["make_app", "make_coordinator", "async_run", "run_node", "new_incarnation", "graceful_stop"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,31 @@ async def graceful_stop(app: web.Application) -> None:
         await app[PEERS].close_inbound()
 
 
+def run_node(settings: Settings) -> None:
+    """Run a node in this process until SIGTERM/SIGINT, on the configured event loop."""
+    if settings.node.event_loop == "uvloop":
+        import uvloop  # optional: pip install 'subsys[fast]'
+
+        uvloop.run(async_run(settings))
+    else:
+        asyncio.run(async_run(settings))
+
+
+def settle_garbage_collector() -> None:
+    """After start-up: freeze what exists (config, code, pools) out of the collector's sight,
+    and collect the young generation less often.
+
+    A node's objects are long-lived (connections, streams); a full collection walks them
+    all, and with thousands of sockets that walk dominated the fan-out of a change
+    (issue: 10 full collections in 12 changes at 5,000 subscribers). Frozen objects are
+    still freed by reference counting.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 10_000), gen1, gen2)
+
+
 async def async_run(settings: Settings, *, stop: asyncio.Event | None = None, install_signals: bool = True) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives, then shut down cleanly."""
     stop = stop or asyncio.Event()
@@ -123,6 +149,8 @@ async def async_run(settings: Settings, *, stop: asyncio.Event | None = None, in
             sites.append(web.TCPSite(runner, admin_host, settings.node.admin_port, reuse_address=True))
         for site in sites:
             await site.start()
+        if install_signals:  # a process of its own (not a node inside a test's event loop)
+            settle_garbage_collector()
         log.info("listening on http://%s:%d (ws /ws, health /health, admin %s)", settings.node.host,
                  settings.node.port, f"on port {settings.node.admin_port}" if settings.node.admin_port else "/admin/v1")
         await stop.wait()

@@ -212,3 +212,23 @@ url = "postgresql://app:db-password-3@db.example/app"
     env_settings = load_settings(path, env={"SUBSYS_CLUSTER_SECRET": "env-secret-5", "SUBSYS_ADMIN_TOKEN": "tok-6"})
     assert env_settings.cluster_secret == "env-secret-5" and env_settings.admin_token == "tok-6"
     assert "env-secret-5" not in repr(env_settings) and "tok-6" not in repr(env_settings)
+
+
+def test_the_configuration_page_documents_every_key() -> None:
+    """docs/configuration.md lists every key of every section (and every secret)."""
+    import dataclasses
+    from pathlib import Path
+
+    from subsys.config import ConsulConfig, DatabaseConfig, LimitsConfig, NodeConfig, Settings
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    missing = [
+        f"{section}.{f.name}"
+        for section, cls in (("node", NodeConfig), ("database", DatabaseConfig), ("limits", LimitsConfig),
+                             ("consul", ConsulConfig))  # fmt: skip
+        for f in dataclasses.fields(cls)
+        if f"| `{f.name}` |" not in doc
+    ]
+    missing += [f"secrets.{f.name}" for f in dataclasses.fields(Settings) if f.name.endswith(("_secret", "_token"))
+                and f"| `{f.name}` |" not in doc]  # fmt: skip
+    assert not missing, f"undocumented keys: {missing}"
