@@ -330,10 +330,15 @@ class DevCluster:
         say(f"  postgres {db_url}   pid {self.pg.pid}   data {self.data_dir}")
         say(f"  config   {config}")
         say("  feeds    " + "\n           ".join(_demo.FEEDS_HELP.values()))
+        assert self.cluster is not None
+        urls = ",".join(node.url for node in self.children)
+        say(f"  admin    operator token {self.cluster.admin_token}   (generated for this run; a dev cluster only)")
         say("\nTry:")
         say(f"  subsys sub orders:1 --url {self.children[0].ws_url}")
         if len(self.children) > 1:
             say(f"  subsys sub orders:1 --url {self.children[-1].ws_url}      (same topic through another node)")
+        say(f"  export SUBSYS_URL={urls} SUBSYS_TOKEN={self.cluster.admin_token}")
+        say("  subsys console        (then: subsys topics, subsys failover orders:1, subsys zombies ...)")
         say("Ctrl-C stops everything.\n")
 
     # -- run ------------------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from subsys.client.admin import AdminClient
 from subsys.coordinator.consul.keys import KeyLayout
 
 from conftest import CHECK_TTL, LOCK_DELAY, SCHEMA, ItemsCluster, items_spec, provide_consul
@@ -163,10 +164,18 @@ def _assert_no_snapshot_while_failing(watcher: Watcher) -> None:
             assert not failing, f"a snapshot while the feed was failing: {frame}"
 
 
-async def test_a_consul_outage_sends_no_duplicate_snapshots(cluster: ItemsCluster) -> None:
+async def _follow_requests(cluster: ItemsCluster) -> dict[str, int]:
+    async with AdminClient(cluster.nodes["n1"].url, token=cluster.admin_token) as admin:
+        nodes = await admin.nodes()
+    return {n.node: int((n.peer_links or {}).get("follow_requests", 0)) for n in nodes.nodes}
+
+
+async def test_a_consul_outage_sends_no_duplicate_snapshots_and_no_follow_storm(cluster: ItemsCluster) -> None:
     nodes = await cluster.start_nodes(3)
     watchers = await cluster.watch(nodes, ("items:1", "items:2"))
+    before = await _follow_requests(cluster)
     agent = cluster.consul.servers[0]
+    stopped_at = time.monotonic()
     await agent.stop()
     await asyncio.sleep(6.0)  # several seconds: every node fences itself
     await agent.start()
@@ -179,6 +188,16 @@ async def test_a_consul_outage_sends_no_duplicate_snapshots(cluster: ItemsCluste
         await eventually(lambda w=watcher, r=row: w.value_of(r) == 5, timeout=60, message="converged after the outage")
         assert not watcher.duplicate_snapshots, watcher.duplicate_snapshots
         assert not watcher.epoch_regressions
+    after = await _follow_requests(cluster)
+    seconds = time.monotonic() - stopped_at
+    for name in after:
+        # Each node follows at most the two topics; with backoff (0.2 s doubling to 5 s) a topic
+        # is asked for a handful of times at most, never in a loop.
+        rate = (after[name] - before.get(name, 0)) / seconds / 2
+        assert rate < 2.0, f"{name}: {rate:.1f} follow requests per topic per second"
+    for node in nodes:
+        repeated = node.logs().count("does not serve topics it holds")
+        assert repeated <= 10, f"{node.name} logged a refused follow {repeated} times: once per condition, then counts"
 
 
 @pytest.fixture(scope="module")
