@@ -11,20 +11,14 @@ status, error) as dicts; ``TopicView`` keeps the current rows for you.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 from typing import Any, AsyncIterator
 
 import aiohttp
 
-__all__ = ["connect", "Client", "TopicView", "ServerError"]
-
-
-class ServerError(Exception):
-    def __init__(self, frame: dict[str, Any]) -> None:
-        super().__init__(f"{frame.get('code')}: {frame.get('message')}")
-        self.code = frame.get("code")
-        self.frame = frame
+__all__ = ["connect", "Client", "TopicView"]
 
 
 class Client:
@@ -32,7 +26,8 @@ class Client:
         self.ws = ws
         self.hello: dict[str, Any] | None = None
         self._queues: dict[str, asyncio.Queue] = {}
-        self._general: asyncio.Queue = asyncio.Queue()
+        # Frames of no subscribed topic (hello, pong, errors about a frame), the latest few.
+        self.general: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self._reader: asyncio.Task | None = None
         self.closed = asyncio.Event()
         self.close_code: int | None = None
@@ -47,11 +42,14 @@ class Client:
                     self.hello = frame
                 topic = frame.get("topic")
                 queue = self._queues.get(topic) if topic else None
-                (queue or self._general).put_nowait(frame)
+                if queue is not None:
+                    queue.put_nowait(frame)
+                else:
+                    self.general.append(frame)
         finally:
             self.close_code = self.ws.close_code
             self.closed.set()
-            for queue in [*self._queues.values(), self._general]:
+            for queue in self._queues.values():
                 queue.put_nowait(None)
 
     async def send(self, frame: dict[str, Any]) -> None:
@@ -71,10 +69,6 @@ class Client:
             if not self.ws.closed:
                 with contextlib.suppress(Exception):
                     await self.send({"type": "unsubscribe", "topic": topic})
-
-    async def next_general(self, timeout: float | None = None) -> dict[str, Any] | None:
-        """Next frame not tied to a subscribed topic (hello, pong, errors without topic)."""
-        return await asyncio.wait_for(self._general.get(), timeout)
 
     async def close(self) -> None:
         await self.ws.close()

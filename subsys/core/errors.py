@@ -15,7 +15,6 @@ __all__ = [
     "CoordinatorUnavailable",
     "FencedError",
     "PollError",
-    "PeerAuthError",
 ]
 
 
@@ -75,7 +74,3 @@ class PollError(SubsysError):
     """A feed query failed; ``code`` says how (database_unavailable, query_timeout, ...)."""
 
     code = "poll_failed"
-
-
-class PeerAuthError(SubsysError):
-    code = "unauthorized"

@@ -8,6 +8,7 @@ printed when a test fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -129,9 +130,10 @@ def items_spec(db_url: str, **settings: Any) -> ClusterSpec:
     return ClusterSpec(nodes=0, feeds={"items": ITEMS_FEED}, settings=sections, database_url=db_url)
 
 
-@pytest.fixture
-async def cluster(consul, items_db, tmp_path, request) -> AsyncIterator[ItemsCluster]:
-    harness = ItemsCluster(items_spec(items_db), workdir=tmp_path, consul=consul)
+@contextlib.asynccontextmanager
+async def items_cluster(spec: ClusterSpec, *, consul: ConsulCluster, workdir: Path, request) -> AsyncIterator[ItemsCluster]:
+    """A started ItemsCluster (no nodes yet), closed at the end; its logs printed if the test failed."""
+    harness = ItemsCluster(spec, workdir=workdir, consul=consul)
     harness.watchers = []
     await harness.start(nodes=False)
     try:
@@ -142,6 +144,12 @@ async def cluster(consul, items_db, tmp_path, request) -> AsyncIterator[ItemsClu
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
             print(harness.logs())
+
+
+@pytest.fixture
+async def cluster(consul, items_db, tmp_path, request) -> AsyncIterator[ItemsCluster]:
+    async with items_cluster(items_spec(items_db), consul=consul, workdir=tmp_path, request=request) as harness:
+        yield harness
 
 
 def since_now() -> float:

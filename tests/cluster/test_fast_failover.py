@@ -9,7 +9,6 @@ mechanism and its safety.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 
@@ -17,7 +16,7 @@ import pytest
 
 from subsys.client.admin import AdminClient
 
-from conftest import ItemsCluster, items_spec
+from conftest import ItemsCluster, items_cluster, items_spec
 from support import Watcher, eventually
 
 pytestmark = pytest.mark.consul
@@ -27,19 +26,10 @@ TTL = 10.0
 
 @pytest.fixture
 async def slow_ttl(consul, items_db, tmp_path, request):
-    spec = items_spec(items_db, consul={"check_ttl": TTL, "lock_delay": 0.5},
-                      node={"zombie_interval": 0})  # the janitor would certify too: keep to the followers  # fmt: skip
-    cluster = ItemsCluster(spec, workdir=tmp_path, consul=consul)
-    cluster.watchers = []
-    await cluster.start(nodes=False)
-    try:
+    # No janitor: it would certify dead owners too; here the followers must.
+    spec = items_spec(items_db, consul={"check_ttl": TTL, "lock_delay": 0.5}, node={"zombie_interval": 0})
+    async with items_cluster(spec, consul=consul, workdir=tmp_path, request=request) as cluster:
         yield cluster
-    finally:
-        await asyncio.gather(*(w.stop() for w in cluster.watchers))
-        await cluster.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(cluster.logs())
 
 
 async def three_with_n1_owning(cluster: ItemsCluster) -> tuple[list[Watcher], object]:

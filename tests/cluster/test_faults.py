@@ -21,7 +21,7 @@ import pytest
 from subsys.client.admin import AdminClient
 from subsys.coordinator.consul.keys import KeyLayout
 
-from conftest import CHECK_TTL, LOCK_DELAY, SCHEMA, ItemsCluster, items_spec, provide_consul
+from conftest import CHECK_TTL, LOCK_DELAY, SCHEMA, ItemsCluster, items_cluster, items_spec, provide_consul
 from support import Watcher, eventually
 
 pytestmark = pytest.mark.consul
@@ -112,10 +112,7 @@ async def test_a_postgres_restart_keeps_ownership_and_every_poller(consul, tmp_p
     """Fast stop, 3 s down, start (same data dir and socket): statuses, then convergence, no crash."""
     spec = items_spec("", node={"grace_period": 5.0}, database={"retry_initial": 0.1, "retry_max": 0.5})
     spec.database_url, spec.schema = None, (SCHEMA,)
-    cluster = ItemsCluster(spec, workdir=tmp_path, consul=consul)
-    cluster.watchers = []
-    await cluster.start(nodes=False)
-    try:
+    async with items_cluster(spec, consul=consul, workdir=tmp_path, request=request) as cluster:
         nodes = await cluster.start_nodes(2)
         topics = ("items:1", "items:2")
         watchers = await cluster.watch(nodes, topics)
@@ -147,12 +144,6 @@ async def test_a_postgres_restart_keeps_ownership_and_every_poller(consul, tmp_p
         for node in nodes:
             log = node.logs()
             assert "poller crashed" not in log and "Traceback" not in log, log[-3000:]
-    finally:
-        await asyncio.gather(*(w.stop() for w in cluster.watchers))
-        await cluster.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(cluster.logs())
 
 
 def _assert_no_snapshot_while_failing(watcher: Watcher) -> None:
@@ -211,10 +202,7 @@ async def consul3(tmp_path_factory):
 
 
 async def test_losing_the_consul_leader_changes_no_ownership(consul3, items_db, tmp_path, request) -> None:
-    cluster = ItemsCluster(items_spec(items_db), workdir=tmp_path, consul=consul3)
-    cluster.watchers = []
-    await cluster.start(nodes=False)
-    try:
+    async with items_cluster(items_spec(items_db), consul=consul3, workdir=tmp_path, request=request) as cluster:
         nodes = await cluster.start_nodes(2)
         watchers = await cluster.watch(nodes, ("items:1", "items:2"))
         before = await cluster.owners()
@@ -239,9 +227,3 @@ async def test_losing_the_consul_leader_changes_no_ownership(consul3, items_db, 
             assert "Check missed TTL" not in agent.logs(), agent.logs()[-3000:]
         await leader.start()  # back for the other tests of this module
         await leader.wait_ready()
-    finally:
-        await asyncio.gather(*(w.stop() for w in cluster.watchers))
-        await cluster.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(cluster.logs())

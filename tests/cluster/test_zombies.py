@@ -16,7 +16,7 @@ import pytest
 
 from subsys.client.admin import AdminClient
 
-from conftest import ITEMS_FEED, ItemsCluster, items_spec
+from conftest import ITEMS_FEED, ItemsCluster, items_cluster, items_spec
 from support import eventually
 
 pytestmark = pytest.mark.consul
@@ -24,39 +24,21 @@ pytestmark = pytest.mark.consul
 LONG_TTL = 30.0
 
 
-async def zombie_cluster(consul, items_db, tmp_path, *, reap: bool, interval: float = 0.5, **settings) -> ItemsCluster:
-    spec = items_spec(items_db, consul={"check_ttl": LONG_TTL},
+def zombie_spec(items_db: str, *, reap: bool, interval: float = 0.5, **settings):
+    return items_spec(items_db, consul={"check_ttl": LONG_TTL},
                       node={"zombie_reap": reap, "zombie_interval": interval, **settings.pop("node", {})}, **settings)  # fmt: skip
-    cluster = ItemsCluster(spec, workdir=tmp_path, consul=consul)
-    cluster.watchers = []
-    await cluster.start(nodes=False)
-    return cluster
 
 
 @pytest.fixture
 async def manual(consul, items_db, tmp_path, request):
-    cluster = await zombie_cluster(consul, items_db, tmp_path, reap=False)
-    try:
-        yield cluster
-    finally:
-        await _close(cluster, request)
+    async with items_cluster(zombie_spec(items_db, reap=False), consul=consul, workdir=tmp_path, request=request) as c:
+        yield c
 
 
 @pytest.fixture
 async def healing(consul, items_db, tmp_path, request):
-    cluster = await zombie_cluster(consul, items_db, tmp_path, reap=True)
-    try:
-        yield cluster
-    finally:
-        await _close(cluster, request)
-
-
-async def _close(cluster: ItemsCluster, request) -> None:
-    await asyncio.gather(*(w.stop() for w in cluster.watchers))
-    await cluster.close()
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(cluster.logs())
+    async with items_cluster(zombie_spec(items_db, reap=True), consul=consul, workdir=tmp_path, request=request) as c:
+        yield c
 
 
 def api(cluster: ItemsCluster, name: str) -> AdminClient:
