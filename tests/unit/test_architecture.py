@@ -78,3 +78,21 @@ def test_the_runtime_reads_no_private_module_of_another_room() -> None:
                 if match and match.group(1) != room:
                     offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_architecture_page_maps_every_module() -> None:
+    """docs/architecture.md names every module of the package (and names none that is gone)."""
+    doc = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    mapped = doc.split("```")[1]  # the map at the top of the page
+    missing = []
+    for path in sorted((REPO / "subsys").rglob("*.py")):
+        if path.name == "__init__.py" and path.parent != REPO / "subsys":
+            name = path.parent.name + "/"
+        else:
+            name = path.name
+        if name not in mapped:
+            missing.append(str(path.relative_to(REPO)))
+    assert not missing, f"not in docs/architecture.md: {missing}"
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", mapped))
+    existing = {p.name for p in (REPO / "subsys").rglob("*.py")}
+    assert named <= existing, f"docs/architecture.md names modules that do not exist: {sorted(named - existing)}"
