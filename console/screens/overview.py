@@ -21,11 +21,11 @@ from .base import ConsoleScreen
 __all__ = ["OverviewScreen"]
 
 NODES = [
-    Col("node", "NODE", 16), Col("health", "HEALTH", 12), Col("owned", "OWNED", 6, right=True),
+    Col("node", "NODE", 12), Col("health", "HEALTH", 11), Col("owned", "OWNED", 6, right=True),
     Col("followed", "FOLLOWS", 7, right=True), Col("pollers", "POLLERS", 7, right=True),
     Col("clients", "CLIENTS", 7, right=True), Col("subs", "SUBS", 6, right=True),
-    Col("coord", "COORD", 12), Col("session", "SESSION", 11), Col("confirmed", "CONFIRMED", 9),
-    Col("uptime", "UPTIME", 7, right=True), Col("address", "ADDRESS", 22), Col("problem", "PROBLEM", 40),
+    Col("coord", "CONSUL", 10), Col("session", "SESSION", 9), Col("confirmed", "CONFIRMED", 9),
+    Col("uptime", "UPTIME", 7, right=True), Col("address", "ADDRESS", 22), Col("problem", "PROBLEM", 24),
 ]  # fmt: skip
 HEALTH_STYLE = {"ok": "bold green", "unavailable": "bold yellow", "unreachable": "bold red"}
 RECENT = 12

@@ -28,11 +28,11 @@ from .topics import STATE_STYLE
 
 __all__ = ["TopicScreen"]
 
-PRESENCE = [Col("node", "NODE", 14), Col("role", "ROLE", 9), Col("epoch", "EPOCH", 6, right=True),
-            Col("seq", "SEQ", 6, right=True), Col("state", "STATE", 8), Col("subs", "SUBS", 5, right=True),
+PRESENCE = [Col("node", "NODE", 12), Col("role", "ROLE", 8), Col("epoch", "EPOCH", 5, right=True),
+            Col("seq", "SEQ", 5, right=True), Col("state", "STATE", 5), Col("subs", "SUBS", 4, right=True),
             Col("followers", "FOLLOW", 6, right=True)]  # fmt: skip
-HISTORY = [Col("at", "WHEN", 9), Col("node", "NODE", 14), Col("event", "EVENT", 9), Col("epoch", "EPOCH", 9),
-           Col("gap", "GAP", 9, right=True), Col("reason", "REASON", 60)]  # fmt: skip
+HISTORY = [Col("at", "WHEN", 9), Col("node", "NODE", 12), Col("event", "EVENT", 8), Col("epoch", "EPOCH", 9),
+           Col("gap", "GAP", 8, right=True), Col("reason", "REASON", 44)]  # fmt: skip
 LIVE_STYLE = {"live": "bold green", "stale": "bold red", "connecting": "yellow", "reconnecting": "yellow",
               "error": "bold red"}  # fmt: skip
 
@@ -58,17 +58,18 @@ class TopicScreen(ConsoleScreen):
                 with Vertical(id="polls", classes="panel"):
                     yield Sparkline([], id="spark")
                     yield Static(id="spark-legend")
-                yield InPlaceTable(PRESENCE, id="presence", classes="panel")
+                yield InPlaceTable(PRESENCE, id="presence", classes="panel", show_cursor=False)
             with Vertical(id="detail-right"):
                 yield Static(id="live-status")
                 yield LiveRows(id="rows", classes="panel")
-                yield InPlaceTable(HISTORY, id="history", classes="panel")
+                yield InPlaceTable(HISTORY, id="history", classes="panel", show_cursor=False)
 
     def on_mount(self) -> None:
         self.query_one("#facts").border_title = self.topic
         self.query_one("#polls").border_title = "poll duration"
         self.query_one("#presence").border_title = "per node"
         self.query_one("#rows").border_title = "rows · live"
+        self.query_one("#rows").border_subtitle = "* key · changed rows light up"
         self.query_one("#history").border_title = "ownership history"
         self.live = self.backend.watch(self.topic)
         self.set_interval(0.25, self._fade)  # highlights last HIGHLIGHT_SECONDS, then go
@@ -122,7 +123,7 @@ class TopicScreen(ConsoleScreen):
         self.query_one("#facts", Static).update(grid)
         series = fmt.series(d.recent_poll_ms)
         self.query_one("#spark", Sparkline).data = series or [0]
-        legend = f"last {len(d.recent_poll_ms)} · max {fmt.ms(d.max_poll_ms)} · now {fmt.ms(d.last_poll_ms)}"
+        legend = f"last {fmt.volatile_count(len(d.recent_poll_ms))} · max {fmt.ms(d.max_poll_ms)} · now {fmt.ms(d.last_poll_ms)}"
         self.query_one("#spark-legend", Static).update(Text(legend, style="dim"))
         self.query_one("#presence", InPlaceTable).set_rows([
             (n.node, (n.node, n.role, fmt.epoch(n.epoch), fmt.seq(n.seq), Text(n.state, style=STATE_STYLE.get(n.state, "")),

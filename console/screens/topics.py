@@ -27,13 +27,13 @@ __all__ = ["TopicsScreen", "Filters", "STATE_STYLE"]
 
 STATE_STYLE = {"ok": "green", "error": "bold red", "starting": "yellow", "unowned": "bold magenta"}
 COLUMNS = [
-    Col("topic", "TOPIC", 26, "topic"), Col("feed", "FEED", 10, "feed"), Col("owner", "OWNER", 14, "owner"),
-    Col("epoch", "EPOCH", 7, "epoch", True), Col("seq", "SEQ", 7, "seq", True),
+    Col("topic", "TOPIC", 24, "topic"), Col("feed", "FEED", 8, "feed"), Col("owner", "OWNER", 10, "owner"),
+    Col("epoch", "EPOCH", 6, "epoch", True), Col("seq", "SEQ", 6, "seq", True),
     Col("state", "STATE", 8, "state"), Col("subscribers", "SUBS", 5, "subscribers", True),
-    Col("interval", "EVERY", 6, "interval", True), Col("last_poll_ms", "POLL", 9, "last_poll_ms", True),
-    Col("last_poll_at", "POLLED", 9, "last_poll_at", True), Col("last_change_at", "CHANGED", 10, "last_change_at", True),
-    Col("polls", "POLLS", 7, "polls", True), Col("failures", "FAILS", 6, "failures", True),
-    Col("error", "LAST ERROR", 24),
+    Col("last_poll_ms", "POLL", 8, "last_poll_ms", True), Col("last_poll_at", "POLLED", 9, "last_poll_at", True),
+    Col("last_change_at", "CHANGED", 9, "last_change_at", True), Col("polls", "POLLS", 6, "polls", True),
+    Col("failures", "FAILS", 5, "failures", True), Col("interval", "EVERY", 5, "interval", True),
+    Col("error", "LAST ERROR", 18),
 ]  # fmt: skip
 SORTABLE = [c.key for c in COLUMNS if c.sort]
 FILTER_KEYS = ("feed", "state", "node", "owner")
@@ -148,9 +148,9 @@ class TopicsScreen(ConsoleScreen):
             rows.append((t.topic, (
                 t.topic, t.feed, t.owner or Text("—", style="dim"), fmt.epoch(t.epoch), fmt.seq(t.seq),
                 Text(t.state, style=STATE_STYLE.get(t.state, "")), fmt.count(t.subscribers),
-                fmt.interval(t.interval), fmt.ms(t.last_poll_ms), fmt.ago(t.last_poll_at),
-                fmt.ago(t.last_change_at), fmt.volatile_count(t.polls),
-                Text(fmt.count(t.failures), style="red" if t.failures else ""), Text(error, style="red"),
+                fmt.ms(t.last_poll_ms), fmt.ago(t.last_poll_at), fmt.ago(t.last_change_at),
+                fmt.volatile_count(t.polls), Text(fmt.count(t.failures), style="red" if t.failures else ""),
+                fmt.interval(t.interval), Text(error, style="red"),
             )))  # fmt: skip
         table = self.table
         table.set_rows(rows)

@@ -48,7 +48,7 @@ class TopBar(Horizontal):
         if app.backend is not None and app.backend.connected:
             conn.append("● ", style="green")
             conn.append(app.backend.node or "?", style="bold")
-            conn.append(f" {app.fmt.address(app.backend.url)} ", style="dim")
+            conn.append(f"  {app.fmt.address(app.backend.url)}  ", style="dim")
             conn.append(app.backend.whoami.role if app.backend.whoami else "", style="cyan")
         elif app.auth_error:
             conn.append("● token refused", style="bold red")

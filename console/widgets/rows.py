@@ -47,7 +47,7 @@ class LiveRows(InPlaceTable):
         if names and names != self.columns_of:
             self.columns_of = names
             self.reset_columns([Col("mark", " ", 1)] + [
-                Col(name, name.upper() + (" 🔑" if name in view.key else ""), self._width(name, view.rows))
+                Col(name, name.upper() + ("*" if name in view.key else ""), self._width(name, view.rows))
                 for name in names
             ])  # fmt: skip
         self.highlighted = live.highlighted()

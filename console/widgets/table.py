@@ -26,7 +26,7 @@ class Col:
     label: str
     width: int
     sort: str | None = None  # the API's sort key, when the server can sort by this column
-    right: bool = False  # numbers align right
+    right: bool = False  # a number (kept left-aligned like k9s: DataTable pads Text cells unevenly)
 
 
 class InPlaceTable(DataTable):
@@ -52,8 +52,7 @@ class InPlaceTable(DataTable):
             self.add_column(self._label(col, ""), width=col.width, key=col.key)
 
     def _label(self, col: Col, mark: str) -> Text:
-        text = f"{col.label}{mark}"
-        return Text(text.rjust(col.width) if col.right else text, style="bold")
+        return Text(f"{col.label}{mark}", style="bold")
 
     def mark_sorted(self, key: str | None, descending: bool) -> None:
         """Show the server's sort order in the header (▲/▼ after the column's name)."""
@@ -63,6 +62,10 @@ class InPlaceTable(DataTable):
             if column is not None:
                 column.label = self._label(col, mark)
         self.refresh()
+
+    def plain_rows(self) -> list[list[str]]:
+        """What the table shows, as plain text (for tests and for copying)."""
+        return [[c.plain if isinstance(c, Text) else str(c) for c in cells] for cells in self._cells]
 
     @property
     def selected_key(self) -> str | None:
@@ -74,7 +77,7 @@ class InPlaceTable(DataTable):
         """``rows``: (identity, cells) in display order; only what differs is touched."""
         cols = [c.key for c in self.specs]
         for index, (key, cells) in enumerate(rows):
-            cells = tuple(self._align(c, v) for c, v in zip(self.specs, cells))
+            cells = tuple(cells)
             if index < len(self._cells):
                 old = self._cells[index]
                 if old != cells:
@@ -91,14 +94,6 @@ class InPlaceTable(DataTable):
             self.remove_row(str(index))
             self._cells.pop()
             self.keys.pop()
-
-    @staticmethod
-    def _align(col: Col, value: Cell) -> Cell:
-        if col.right and isinstance(value, str):
-            return Text(value, justify="right")
-        if col.right and isinstance(value, Text):
-            value.justify = "right"
-        return value
 
 
 class PagedTable(InPlaceTable):
