@@ -33,7 +33,9 @@ __all__ = ["Backend", "LiveTopic", "AdminError"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REQUEST_TIMEOUT = 5.0  # an operator would rather see "lost" than a frozen number
+# Generous: with 10,000 topics a node takes seconds to answer /topics (it gathers every node's
+# facts); a slow answer is not a lost node (the event stream tells that within a second).
+REQUEST_TIMEOUT = 20.0
 RETRY_FIRST, RETRY_MAX = 0.25, 2.0
 EVENT_LOG = 2000
 HIGHLIGHT_SECONDS = 2.0

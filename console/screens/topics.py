@@ -8,6 +8,7 @@ sorts and filters, and the rows are updated in place once a second.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -94,6 +95,7 @@ class TopicsScreen(ConsoleScreen):
         self.page: list[api.TopicSummary] = []
         self._land: str = "keep"  # where the cursor goes after a page move
         self._input_mode = "filter"  # what the bottom input is for: "filter" | "goto"
+        self.took_ms = 0.0
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="body"):
@@ -121,6 +123,7 @@ class TopicsScreen(ConsoleScreen):
 
     @work(exclusive=True, group="topics")
     async def load(self) -> None:
+        asked = time.monotonic()
         try:
             page = await self.backend.topics(
                 sort=self.sort, order="desc" if self.descending else "asc",
@@ -136,6 +139,7 @@ class TopicsScreen(ConsoleScreen):
             self.loaded()
             self.refresh_data(force=True)
             return
+        self.took_ms = (time.monotonic() - asked) * 1000
         self.show(page)
         self.loaded()
 
@@ -163,6 +167,8 @@ class TopicsScreen(ConsoleScreen):
         sub = f"{first:,}–{self.start + len(page.topics):,} of {page.total:,}"
         if self.filters.describe():
             sub += f" · filter {self.filters.describe()}"
+        # How long the server took: with thousands of topics it sets the pace, not the console.
+        sub += f" · answered in {self.fmt.took(self.took_ms)}"
         if page.partial:
             sub += f" · partial: {', '.join(p.node for p in page.unavailable)} did not answer"
         table.border_subtitle = sub

@@ -36,7 +36,7 @@ async def console_node(start_node, console_db):
     return await start_node(FEEDS, database_url=console_db, secrets=SECRETS, node={"node_id": "node-1"})
 
 
-async def until(pilot, predicate: Callable[[], Any], timeout: float = 20.0, message: str = "") -> Any:
+async def until(pilot, predicate: Callable[[], Any], timeout: float = 20.0, message: str = "", interval: float = 0.05) -> Any:
     """Let the app run until ``predicate()`` is truthy (it reads widgets, so it runs between frames)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -49,7 +49,7 @@ async def until(pilot, predicate: Callable[[], Any], timeout: float = 20.0, mess
             last = exc
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {message or predicate}" + (f" (last: {last!r})" if last else ""))
-        await pilot.pause(0.05)
+        await pilot.pause(interval)
 
 
 def text_of(widget) -> str:

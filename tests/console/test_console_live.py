@@ -147,3 +147,20 @@ async def test_cancel_does_nothing_and_errors_are_shown_not_raised(console_node)
             assert not (await admin.node("node-1")).draining
         assert first["epoch"] >= 1
         await sub.stop()
+
+
+async def test_a_failing_feed_marks_the_live_rows_stale_and_they_recover(console_node, console_db) -> None:
+    app = ConsoleApp([console_node.base_url], OPERATOR)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.backend.connected)
+        app.open_topic("items:3")
+        await until(pilot, lambda: isinstance(app.screen, TopicScreen))
+        rows = app.screen.query_one("#rows", LiveRows)
+        status = app.screen.query_one("#live-status")
+        await until(pilot, lambda: len(rows.plain_rows()) == 5)
+        await db_execute(console_db, "alter table items rename to items_away")
+        await until(pilot, lambda: text_of(status).strip().startswith("STALE"), message="stale")
+        assert "query_failed" in text_of(status) and "last good" in text_of(status), text_of(status)
+        assert len(rows.plain_rows()) == 5, "the last good rows stay"
+        await db_execute(console_db, "alter table items_away rename to items")
+        await until(pilot, lambda: text_of(status).strip().startswith("LIVE"), message="live again")
