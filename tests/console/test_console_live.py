@@ -153,7 +153,7 @@ async def test_a_failing_feed_marks_the_live_rows_stale_and_they_recover(console
     app = ConsoleApp([console_node.base_url], OPERATOR)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: app.backend.connected)
-        app.open_topic("items:3")
+        await pilot.press("2", "g", *"items:3", "enter")
         await until(pilot, lambda: isinstance(app.screen, TopicScreen))
         rows = app.screen.query_one("#rows", LiveRows)
         status = app.screen.query_one("#live-status")
