@@ -173,8 +173,9 @@ class ConsoleApp(App):
         def keys(bindings: Iterable[Binding | tuple]) -> list[tuple[str, str]]:
             out = []
             for b in bindings:
-                if not isinstance(b, Binding) or (b.action.split("(")[0] in MUTATING and not self.can_act):
-                    continue
+                name = b.action.split("(")[0] if isinstance(b, Binding) else ""
+                if not name or name == "view" or (name in MUTATING and not self.can_act):
+                    continue  # views are listed once, from VIEWS
                 out.append((b.key_display or KEY_NAMES.get(b.key, b.key), b.description or b.action))
             return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable, Iterable
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 from textual import on, work
@@ -125,18 +126,19 @@ class HelpScreen(ModalScreen[None]):
         self.sections = sections
 
     def compose(self) -> ComposeResult:
-        table = Table.grid(padding=(0, 2))
-        table.add_column(style="bold cyan", no_wrap=True, min_width=14)
-        table.add_column()
+        parts: list = []
         for title, keys in self.sections:
-            table.add_row(Text(title, style="bold underline"), "")
+            parts.append(Text(title, style="bold underline"))
+            table = Table.grid(padding=(0, 2))
+            table.add_column(style="bold cyan", no_wrap=True, min_width=20)
+            table.add_column()
             for key, description in keys:
                 table.add_row(key, description)
-            table.add_row("", "")
+            parts += [table, Text("")]
         with Vertical(id="help"):
             yield Static(Text("subsys console — keys", style="bold"), id="dialog-title")
             with VerticalScroll():
-                yield Static(table)
+                yield Static(Group(*parts))
             yield Static(Text("esc closes", style="dim"))
 
     def action_close(self) -> None:

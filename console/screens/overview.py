@@ -25,7 +25,7 @@ NODES = [
     Col("followed", "FOLLOWS", 7, right=True), Col("pollers", "POLLERS", 7, right=True),
     Col("clients", "CLIENTS", 7, right=True), Col("subs", "SUBS", 6, right=True),
     Col("coord", "CONSUL", 10), Col("session", "SESSION", 9), Col("confirmed", "CONFIRMED", 9),
-    Col("uptime", "UPTIME", 7, right=True), Col("address", "ADDRESS", 22), Col("problem", "PROBLEM", 24),
+    Col("uptime", "UPTIME", 7, right=True), Col("address", "ADDRESS", 20), Col("problem", "PROBLEM", 18),
 ]  # fmt: skip
 HEALTH_STYLE = {"ok": "bold green", "unavailable": "bold yellow", "unreachable": "bold red"}
 RECENT = 12

@@ -29,6 +29,13 @@ class Col:
     right: bool = False  # a number (kept left-aligned like k9s: DataTable pads Text cells unevenly)
 
 
+def _sig(cell: Cell) -> tuple:
+    """What a cell looks like: Text compares by its plain text only, but a highlight is a style."""
+    if isinstance(cell, Text):
+        return (cell.plain, str(cell.style), tuple(cell.spans))
+    return (cell,)
+
+
 class InPlaceTable(DataTable):
     """A DataTable whose rows are replaced positionally by :meth:`set_rows`."""
 
@@ -80,9 +87,9 @@ class InPlaceTable(DataTable):
             cells = tuple(cells)
             if index < len(self._cells):
                 old = self._cells[index]
-                if old != cells:
+                if list(map(_sig, old)) != list(map(_sig, cells)):
                     for col, before, after in zip(cols, old, cells):
-                        if before != after:
+                        if _sig(before) != _sig(after):
                             self.update_cell(str(index), col, after)
                     self._cells[index] = cells
                 self.keys[index] = key
