@@ -237,7 +237,7 @@ async def start_node(make_database, tmp_path: Path, monkeypatch) -> AsyncIterato
                     task.result()  # raises the node's startup error
                     raise AssertionError("node stopped during startup")
                 try:
-                    probe = http.get(f"http://127.0.0.1:{port}{ready_path}", timeout=aiohttp.ClientTimeout(total=5))
+                    probe = http.get(f"http://127.0.0.1:{settings.node.port}{ready_path}", timeout=aiohttp.ClientTimeout(total=5))
                     async with probe as resp:
                         if resp.status == 200:
                             break
@@ -246,7 +246,7 @@ async def start_node(make_database, tmp_path: Path, monkeypatch) -> AsyncIterato
                 if loop.time() > deadline:
                     raise AssertionError(f"node {node_id} not ready ({ready_path}) within {START_TIMEOUT}s")
                 await asyncio.sleep(0.05)
-            node = RunningNode(settings, path, apps[node_id], task, stop, http)
+            node = RunningNode(settings, path, apps[settings.node_id], task, stop, http)  # node_id may be overridden
         finally:
             if node is None:
                 stop.set()
