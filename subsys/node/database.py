@@ -66,6 +66,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """The pool's reset step: nothing to undo after a read-only feed query."""
+
+
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
     """Give a connection back; a broken one is terminated, never a reason to fail a poll."""
     try:
@@ -115,9 +119,9 @@ class Database:
             max_size=self.config.max_pool,
             server_settings={"application_name": self.application_name},
             init=_init_connection,
-            # Feeds are read-only SELECTs: no session state to reset between polls (asyncpg
-            # would otherwise send a reset query on every release).
-            reset=None,
+            # Feeds are read-only SELECTs: no session state to reset between polls. A no-op (not
+            # None: None means asyncpg's default) spares a reset query on every release.
+            reset=_no_reset,
         )
         try:
             self.pool = await asyncpg.create_pool(self.config.url, min_size=self.config.min_pool, **options)
