@@ -86,6 +86,7 @@ class FaultRecord:
     convergence: float | None = None
     zombies_cleared: float | None = None
     exit_code: int | None = None  # of a SIGTERM'd node
+    resyncs: int = 0  # resyncs the clients got from the fault to the round's end (ownership changes)
     notes: list[str] = field(default_factory=list)
 
 

@@ -212,12 +212,14 @@ class ChaosRun:
         if after_fault is not None:
             await after_fault()
         await self._quiescent(record)
+        record.resyncs = sum(1 for at, *_rest in self.pool.resyncs if at >= record.started_mono)
         still = await self.zombies.listing(self.cluster)  # none may have appeared since
         self.inv.check("zombies_cleared", still == [], None, round=number, fault=kind, at="round end",
                        still=[z.id for z in still or []][:10] if still is not None else "no answer")  # fmt: skip
         await self.zombies.collect_reaped(self.cluster)
         self.say(f"round {number:>2} {kind:<18} target={record.target:<22} failover={_fmt(record.failover)} "
-                 f"convergence={_fmt(record.convergence)} zombies_cleared={_fmt(record.zombies_cleared)}"
+                 f"convergence={_fmt(record.convergence)} zombies_cleared={_fmt(record.zombies_cleared)} "
+                 f"resyncs={record.resyncs}"
                  f"{'  ' + '; '.join(record.notes) if record.notes else ''}")  # fmt: skip
 
     def _failover(self, record: FaultRecord) -> None:

@@ -48,7 +48,7 @@ async def test_a_short_chaos_run_breaks_no_invariant(tmp_path) -> None:
 
 @pytest.mark.timeout(300)
 async def test_losing_the_consul_leader_of_three_servers_breaks_no_invariant(tmp_path) -> None:
-    kinds = ("consul_leader_loss", "consul_restart")
-    config = ChaosConfig(rounds=2, seed=3, faults=kinds, clients=30, consul_servers=3, workdir=tmp_path / "run")
+    kinds = ("consul_leader_loss", "consul_restart", "kill_now")
+    config = ChaosConfig(rounds=3, seed=3, faults=kinds, clients=30, consul_servers=3, workdir=tmp_path / "run")
     verdict = await run_chaos(config)
     _assert_clean(verdict, kinds)
