@@ -31,7 +31,7 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["SCHEMA", "FEED", "RowHistory", "Writer", "FaultRecord", "row_id", "sample_inflight"]
+__all__ = ["SCHEMA", "FEED_NAME", "feed_config", "RowHistory", "Writer", "FaultRecord", "row_id", "sample_inflight"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ end $$;
 FEED_NAME = "rows"
 
 
-def FEED(interval: float, statement_timeout: float) -> dict[str, Any]:  # noqa: N802 (a constant, parametrised)
+def feed_config(interval: float, statement_timeout: float) -> dict[str, Any]:
     return {"sql": "select * from chaos_poll($1)", "key": ["id"], "param": "int",
             "interval": interval, "statement_timeout": statement_timeout}  # fmt: skip
 
@@ -114,6 +114,10 @@ class RowHistory:
 
     def current(self, rid: int) -> int | None:
         return self._timeline[rid][1][-1] if rid in self._timeline else None
+
+    def last_value(self, rid: int) -> int:
+        """The highest ``v`` the row ever had (a re-insert continues from it)."""
+        return max(v for v in self._timeline[rid][1] if v is not None)
 
     def current_rows(self, topic: int) -> dict[int, int]:
         return {rid: v for rid in self.topic_rows.get(topic, ()) if (v := self.current(rid)) is not None}
@@ -192,8 +196,7 @@ class Writer:
         roll = self.rng.random()
         if absent and roll < 0.08:
             rid = self.rng.choice(absent)
-            last = max(v for v in self.history._timeline[rid][1] if v is not None)
-            return "insert", topic, rid, last + 1
+            return "insert", topic, rid, self.history.last_value(rid) + 1
         if len(present) > 2 and roll > 0.93:
             return "delete", topic, self.rng.choice(present), None
         rid = self.rng.choice(present)

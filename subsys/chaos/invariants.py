@@ -13,14 +13,14 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-__all__ = ["BOUNDS", "Bounds", "Tally", "Invariants", "StreamCheck", "overlaps"]
+__all__ = ["bounds_for", "Bounds", "Tally", "Invariants", "StreamCheck", "overlaps"]
 
 MAX_EVIDENCE = 20  # violations kept with their evidence per invariant (all are counted)
 
 
 @dataclass(frozen=True)
 class Bounds:
-    """The bounds the run holds the cluster to (seconds unless said otherwise); see docs in the verdict."""
+    """The bounds the run holds the cluster to (seconds unless said otherwise); why: docs/chaos.md."""
 
     failover: float  # fault -> first resync with a higher epoch on a surviving node
     convergence: float  # fault end -> every view includes every write committed before it
@@ -32,8 +32,8 @@ class Bounds:
     log_bytes_per_s: float  # each node's log growth during an outage
 
 
-def BOUNDS(*, check_ttl: float, lock_delay: float, grace: float, interval: float,  # noqa: N802
-           zombie_interval: float) -> Bounds:  # fmt: skip
+def bounds_for(*, check_ttl: float, lock_delay: float, grace: float, interval: float,
+               zombie_interval: float) -> Bounds:  # fmt: skip
     # Failover: the issue's TTL + lock-delay + 1 s, doubled for a busy 2-core machine.
     # Convergence: a failover (or a re-registration after Consul comes back) plus a few polls.
     # Overlap: a frozen or cut-off owner fences itself within its TTL; a poll it started just

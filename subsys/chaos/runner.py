@@ -22,8 +22,8 @@ from typing import Any, Callable
 from subsys.chaos import probes
 from subsys.chaos.clients import ClientPool, topic_param
 from subsys.chaos.faults import FAULTS, NODE_FAULTS, OUTAGES, FaultContext, needs
-from subsys.chaos.history import FEED, FEED_NAME, SCHEMA, FaultRecord, RowHistory, Writer
-from subsys.chaos.invariants import BOUNDS, Invariants, overlaps
+from subsys.chaos.history import FEED_NAME, SCHEMA, FaultRecord, RowHistory, Writer, feed_config
+from subsys.chaos.invariants import Invariants, bounds_for, overlaps
 from subsys.chaos.verdict import build_verdict
 from subsys.testing.cluster import ClusterSpec, LocalCluster
 
@@ -71,7 +71,7 @@ def _spec(config: ChaosConfig) -> ClusterSpec:
     three = config.consul_servers >= 3
     return ClusterSpec(
         nodes=config.nodes,
-        feeds={FEED_NAME: FEED(config.interval, config.statement_timeout)},
+        feeds={FEED_NAME: feed_config(config.interval, config.statement_timeout)},
         schema=(SCHEMA,),
         consul_servers=3 if three else 1,
         consul_clients=config.nodes if three else 0,
@@ -89,7 +89,7 @@ class ChaosRun:
     def __init__(self, config: ChaosConfig) -> None:
         self.config = config
         self.say = config.progress
-        self.bounds = BOUNDS(check_ttl=config.check_ttl, lock_delay=config.lock_delay, grace=config.grace,
+        self.bounds = bounds_for(check_ttl=config.check_ttl, lock_delay=config.lock_delay, grace=config.grace,
                              interval=config.interval, zombie_interval=config.zombie_interval)  # fmt: skip
         self.inv = Invariants(self.bounds)
         self.history = RowHistory()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 
 from subsys.chaos.history import RowHistory
-from subsys.chaos.invariants import BOUNDS, Invariants, StreamCheck, overlaps
+from subsys.chaos.invariants import bounds_for, Invariants, StreamCheck, overlaps
 from subsys.chaos.verdict import stats
 
 
 def _inv() -> Invariants:
-    return Invariants(BOUNDS(check_ttl=3, lock_delay=0.5, grace=2, interval=0.2, zombie_interval=1))
+    return Invariants(bounds_for(check_ttl=3, lock_delay=0.5, grace=2, interval=0.2, zombie_interval=1))
 
 
 def _frames(check: StreamCheck, *frames: tuple) -> None:
