@@ -138,6 +138,26 @@ def bench(
             print(f"{key:>28}: {value}")
 
 
+@app.command()
+def chaos(
+    rounds: int = typer.Option(10, help="Rounds: one fault each, then recovery checks."),
+    seed: int = typer.Option(1, help="Seed of every random choice (faults' order and targets, clients, writer)."),
+    faults: Optional[str] = typer.Option(None, help="Comma list of fault kinds (default: all that fit the cluster)."),
+    nodes: int = typer.Option(3, help="subsys nodes."),
+    clients: int = typer.Option(45, help="WebSocket clients, spread over the nodes."),
+    topics: int = typer.Option(12, help="Topics the clients subscribe to (4 each)."),
+    consul_servers: int = typer.Option(1, "--consul-servers", help="1, or 3 (with a client agent per node)."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep logs and Consul data here (default: a temp dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+) -> None:
+    """Apply faults to a local cluster and check its guarantees; exit 1 on any violation."""
+    from subsys.chaos.cli import run_chaos_command
+
+    raise typer.Exit(run_chaos_command(rounds=rounds, seed=seed, faults=faults, nodes=nodes, clients=clients,
+                                       topics=topics, consul_servers=consul_servers, workdir=workdir,
+                                       as_json=as_json))  # fmt: skip
+
+
 # -- operating a cluster: the admin API (docs/operations.md, "CLI") ---------------------------------------------------
 
 # Where: --url (repeatable, tried in order) or $SUBSYS_URL (comma-separated). The token: $SUBSYS_TOKEN only,

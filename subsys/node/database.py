@@ -12,6 +12,7 @@ are ``database_unavailable``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -76,7 +77,10 @@ async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
         await pool.release(conn)
     except Exception as exc:  # the server went away under us: the pool replaces the connection
         log.debug("releasing a broken connection: %r", exc)
-        conn.terminate()
+        # asyncpg's pool may have terminated it and detached the proxy already; terminate()
+        # on a detached proxy raises InterfaceError, which must not replace the poll's outcome.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            conn.terminate()
 
 
 async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any, *, holder: Any = None) -> Rows:
