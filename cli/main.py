@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -142,9 +143,17 @@ def bench(
         fast_failover=fast_failover, restart_after=restart_after, restart_runs=restart_runs, interval=interval,
         check_ttl=check_ttl,
     )  # fmt: skip
+    async def bench_until_stopped() -> dict:
+        # SIGTERM unwinds like Ctrl-C (the main task is cancelled): every `async with` stops what it
+        # started (nodes, PostgreSQL, Consul, baseline and client processes) instead of dying with them up
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run_bench(what, **options)
+
     try:
-        result = asyncio.run(run_bench(what, **options))
-    except KeyboardInterrupt:  # the bench's processes were stopped as its blocks unwound
+        result = asyncio.run(bench_until_stopped())
+    except (KeyboardInterrupt, asyncio.CancelledError):  # its processes were stopped as its blocks unwound
         err.print("bench interrupted")
         raise typer.Exit(130) from None
     if as_json:

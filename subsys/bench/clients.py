@@ -191,13 +191,21 @@ class ClientFleet:
         # a helper that failed half-way through spawning is stopped by spawn_helper itself
 
     async def open(
-        self, tag: str, url: str, subscriptions: list[list[str]], *, compress: int = 0, timeout: float = 120.0
+        self,
+        tag: str,
+        url: str,
+        subscriptions: list[list[str]],
+        *,
+        compress: int = 0,
+        raw: bool = False,
+        timeout: float = 120.0,
     ) -> dict[str, Any]:
         """Open one connection per entry of ``subscriptions`` (its topics); returns the totals."""
         shares = [subscriptions[i :: self.count] for i in range(self.count)]
         busy = [(helper, share) for helper, share in zip(self.helpers, shares) if share]
         replies = await asyncio.gather(
-            *(helper.request("open", timeout=timeout, tag=tag, url=url, subscriptions=share, compress=compress)
+            *(helper.request("open", timeout=timeout, tag=tag, url=url, subscriptions=share, compress=compress,
+                             raw=raw)
               for helper, share in busy)
         )  # fmt: skip
         for (helper, _share), reply in zip(busy, replies):

@@ -20,17 +20,21 @@ local socket towards the server):
 
 * subsys: the node exposes no publish stamp, and a commit waits up to one
   poll interval for the next poll, which is not fan-out time. So the bench
-  commits the change right after a poll ended (it watches
-  ``pg_stat_activity``: the node's backend, ``application_name =
-  'subsys:n1'``), then reads the ``state_change`` of the next poll (the
-  first with ``query_start`` after the commit returned): PostgreSQL sets it
-  just before it sends that poll's result (and ReadyForQuery) to the node.
-  So subsys's figures include receiving the rows, diffing, encoding and the
-  fan-out; not the wait for the poll. Committing just after a poll leaves
-  about an interval between the commit and the next poll, so the poll that
-  saw the change is never in doubt; a round whose anchor is not unique
-  (the bench was starved for longer than an interval) is dropped and
-  counted as ``unanchored_rounds``.
+  watches ``pg_stat_activity`` (the node's backends: ``application_name =
+  'subsys:n1'``). It commits the change right after a poll cycle ended
+  (the node's last statement idle and unchanged for 4 ms; today a cycle is
+  the feed query and then asyncpg's reset query on release, before the
+  rows are published), then, from just before the next cycle is due,
+  looks every 2 ms for the first statement that started after the commit,
+  and takes the ``state_change`` of that cycle's last statement:
+  PostgreSQL sets it just before it sends the result (and ReadyForQuery)
+  to the node. So subsys's figures include receiving the rows, diffing,
+  encoding and the fan-out; not the wait for the poll. Committing just
+  after a cycle leaves about an interval before the next one, so the cycle
+  that saw the change is not in doubt; a round whose anchor does not start
+  one interval (+-1/4) after the previous cycle, or that a subscriber got
+  before the anchor, is dropped and counted as ``unanchored_rounds`` (at
+  large N the bench's 2 ms look-ups compete for the CPU with the fan-out).
 * baseline: the bench's wall clock just before it writes the payload to the
   server's control socket; the server ``broadcast``s it as it arrives.
 
@@ -99,7 +103,7 @@ async def _poll_after(
     first_check: float,
     timeout: float,
     settle: float = 0.003,
-    cycle: float = 0.05,
+    cycle: float = 0.01,
 ) -> tuple[float, float]:
     """(start, end) of the first finished poll cycle that started after ``after`` (wall clock, s).
 
@@ -118,6 +122,29 @@ async def _poll_after(
             return started, ended
         if time.monotonic() > deadline:
             raise BenchError(f"no poll of the node seen in pg_stat_activity within {timeout:g}s")
+        await asyncio.sleep(0.002)
+
+
+async def _cycle_ended(conn: asyncpg.Connection, app: str, *, timeout: float, quiet: float = 0.004) -> float:
+    """Wait until a fresh poll cycle has ended; returns the start of its last statement.
+
+    Ended: the node's last statement is idle and stays the same for ``quiet`` seconds,
+    so a statement that follows the query in the same cycle (the pool's reset) has run.
+    """
+    deadline = time.monotonic() + timeout
+    first = await conn.fetchrow(_LAST_POLL, app, timeout=5)
+    seen = first["started"] if first is not None else 0.0
+    while True:
+        row = await conn.fetchrow(_LAST_POLL, app, timeout=5)
+        if row is not None and row["started"] > seen:
+            await asyncio.sleep(quiet)
+            again = await conn.fetchrow(_LAST_POLL, app, timeout=5)
+            if again is not None and again["started"] == row["started"]:
+                return row["started"]
+            seen = row["started"]
+            continue
+        if time.monotonic() > deadline:
+            raise BenchError(f"no poll cycle of the node ended within {timeout:g}s (pg_stat_activity)")
         await asyncio.sleep(0.002)
 
 
@@ -171,8 +198,8 @@ async def bench_fanout(
             async with ClientFleet(control, client_procs) as fleet:
                 progress(f"opening {subscribers} subscribers on each server ({client_procs} client processes)")
                 opened = {
-                    "subsys": await fleet.open("subsys", node.ws_url, [[topic]] * subscribers),
-                    "baseline": await fleet.open("baseline", baseline.ws_url, [[]] * subscribers),
+                    "subsys": await fleet.open("subsys", node.ws_url, [[topic]] * subscribers, raw=True),
+                    "baseline": await fleet.open("baseline", baseline.ws_url, [[]] * subscribers, raw=True),
                 }
                 for system, result in opened.items():
                     if result["connected"] < subscribers:
@@ -244,23 +271,24 @@ async def _run_rounds(
         order = ("subsys", "baseline") if value % 2 else ("baseline", "subsys")
         for system in order:
             if system == "subsys":
-                # Commit just after a poll ended, so that the next poll is the one that sees it.
-                prev_start, _ = await _poll_after(conn, app, 0.0, first_check=0.0, timeout=10, settle=0)
-                last_start, _ = await _poll_after(conn, app, prev_start, first_check=0.0, timeout=10 + 2 * interval, settle=0)
+                # Commit just after a poll cycle ended, so that the next cycle is the one that sees it.
+                last_start = await _cycle_ended(conn, app, timeout=10 + 2 * interval)
                 cpu0 = cpu_seconds(node_pid)
                 await conn.execute(f"UPDATE {TABLE} SET v = $1, changed = now() WHERE id = 1", value, timeout=10)
                 committed = time.time()
+                # Watch closely from just before the next cycle is due: at large N the node's loop
+                # is busy fanning out and starts the cycle after it as soon as it can.
                 poll_start, stamp = await _poll_after(
-                    conn, app, committed, first_check=last_start + 1.3 * interval, timeout=10 + 2 * interval,
-                    cycle=interval / 2,
-                )  # fmt: skip
+                    conn, app, committed, first_check=last_start + 0.9 * interval, timeout=10 + 2 * interval
+                )
                 times = await fleet.arrivals("subsys", value, timeout=wait_round)
                 cpu = cpu_seconds(node_pid) - cpu0
                 if payload is None:
                     payload = await fleet.sample("subsys")
                     if payload is None:
                         raise BenchError("no subscriber received the first change")
-                if times and (poll_start > committed + 1.5 * interval or min(times) < stamp):
+                # the anchor must be the cycle due one interval after the last one (the poller's cadence)
+                if times and (abs(poll_start - last_start - interval) > interval / 4 or min(times) < stamp):
                     unanchored += 1  # the anchor poll is in doubt: drop the round
                     continue
             else:

@@ -4,8 +4,9 @@
 bench's control server (:mod:`subsys.bench.clients`) on loopback and obeys
 JSON lines:
 
-* ``open``: open connections (aiohttp; ``compress=15`` offers
-  permessage-deflate as browsers do), wait for each one's first frame
+* ``open``: open connections (aiohttp, where ``compress=15`` offers
+  permessage-deflate as browsers do; or ``raw``: the bare client of
+  :mod:`subsys.bench.rawws`, cheaper per frame), wait for each one's first frame
   (subsys's ``hello``, the baseline's greeting), subscribe to its topics and
   wait for their snapshots; then a reader task per connection records
   every text frame that carries a row value ``"v":N`` with the wall-clock
@@ -38,6 +39,8 @@ from typing import Any
 
 import aiohttp
 
+from subsys.bench.rawws import RawWebSocket, connect_raw
+
 # The row value a bench frame carries (subsys's diff row, or the baseline's copy of it).
 _VALUE = re.compile(r'"v":"?(\d+)')
 
@@ -45,7 +48,7 @@ _VALUE = re.compile(r'"v":"?(\d+)')
 class _Conn:
     __slots__ = ("ws", "tag", "reader", "seen")
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, tag: str) -> None:
+    def __init__(self, ws: Any, tag: str) -> None:  # aiohttp's ClientWebSocketResponse or a RawWebSocket
         self.ws = ws
         self.tag = tag
         self.reader: asyncio.Task | None = None
@@ -103,31 +106,27 @@ class LoadClient:
         url: str,
         subscriptions: list[list[str]],
         compress: int = 0,
+        raw: bool = False,
         concurrency: int = 50,
         timeout: float = 60.0,
     ) -> dict[str, Any]:
+        """``raw``: the bare client of :mod:`subsys.bench.rawws` (cheaper per frame; no extensions)."""
         sem = asyncio.Semaphore(concurrency)
         errors: list[str] = []
         opened: list[_Conn] = []
 
         async def one(topics: list[str]) -> None:
-            assert self.session is not None
             async with sem:
-                ws = None
+                ws: Any = None
                 try:
                     async with asyncio.timeout(timeout):
-                        ws = await self.session.ws_connect(url, compress=compress, autoping=True, max_msg_size=0)
-                        first = await ws.receive()
-                        if first.type != aiohttp.WSMsgType.TEXT:
-                            raise RuntimeError(f"expected a greeting, got {first.type.name}")
+                        ws = await (connect_raw(url) if raw else self._connect(url, compress))
+                        await self._receive(ws)  # the greeting: subsys's hello, the baseline's
                         for topic in topics:
-                            await ws.send_str(json.dumps({"type": "subscribe", "topic": topic}))
+                            await self._send(ws, json.dumps({"type": "subscribe", "topic": topic}))
                         pending = set(topics)
                         while pending:
-                            msg = await ws.receive()
-                            if msg.type != aiohttp.WSMsgType.TEXT:
-                                raise RuntimeError(f"socket {msg.type.name} while subscribing")
-                            frame = json.loads(msg.data)
+                            frame = json.loads(await self._receive(ws))
                             if frame.get("type") == "error":
                                 raise RuntimeError(f"{frame.get('code')}: {frame.get('message')}")
                             if frame.get("type") in ("snapshot", "resync"):
@@ -139,7 +138,10 @@ class LoadClient:
                             await ws.close()
                     return
                 conn = _Conn(ws, tag)
-                conn.reader = asyncio.create_task(self._read(conn))
+                if raw:
+                    ws.on_text = lambda text, now, conn=conn: self._take(conn, text, now)
+                else:
+                    conn.reader = asyncio.create_task(self._read(conn))
                 opened.append(conn)
 
         await asyncio.gather(*(one(list(topics)) for topics in subscriptions))
@@ -148,29 +150,50 @@ class LoadClient:
             "connected": len(opened),
             "failed": len(errors),
             "errors": errors[:3],
-            # aiohttp's ClientWebSocketResponse.compress: the negotiated window bits, 0 if none
+            # the negotiated window bits (aiohttp's ClientWebSocketResponse.compress), 0 if none
             "deflate": sum(1 for conn in opened if conn.ws.compress),
         }
 
+    async def _connect(self, url: str, compress: int) -> aiohttp.ClientWebSocketResponse:
+        assert self.session is not None
+        return await self.session.ws_connect(url, compress=compress, autoping=True, max_msg_size=0)
+
+    @staticmethod
+    async def _receive(ws: Any) -> str:
+        if isinstance(ws, RawWebSocket):
+            return await ws.receive_str()
+        msg = await ws.receive()
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise RuntimeError(f"socket {msg.type.name} while subscribing")
+        return msg.data
+
+    @staticmethod
+    async def _send(ws: Any, text: str) -> None:
+        if isinstance(ws, RawWebSocket):
+            ws.send_str(text)
+        else:
+            await ws.send_str(text)
+
     async def _read(self, conn: _Conn) -> None:
-        tag = conn.tag
         async for msg in conn.ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            now = time.time()
-            match = _VALUE.search(msg.data)
-            if match is None:
-                continue
-            value = int(match.group(1))
-            if value <= conn.seen:
-                continue  # a later snapshot repeating a value already counted
-            conn.seen = value
-            self.samples[tag] = msg.data
-            arrivals = self.times.setdefault(tag, {}).setdefault(value, [])
-            arrivals.append(now)
-            if len(arrivals) == len(self.conns.get(tag, ())) and value not in self.reported.setdefault(tag, set()):
-                self.reported[tag].add(value)
-                self.send({"event": "round", "tag": tag, "value": value, "times": arrivals})
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self._take(conn, msg.data, time.time())
+
+    def _take(self, conn: _Conn, text: str, now: float) -> None:
+        match = _VALUE.search(text)
+        if match is None:
+            return
+        value = int(match.group(1))
+        if value <= conn.seen:
+            return  # a later snapshot repeating a value already counted
+        conn.seen = value
+        tag = conn.tag
+        self.samples[tag] = text
+        arrivals = self.times.setdefault(tag, {}).setdefault(value, [])
+        arrivals.append(now)
+        if len(arrivals) == len(self.conns.get(tag, ())) and value not in self.reported.setdefault(tag, set()):
+            self.reported[tag].add(value)
+            self.send({"event": "round", "tag": tag, "value": value, "times": arrivals})
 
     async def cmd_collect(self, *, tag: str, value: int) -> dict[str, Any]:
         """What arrived of ``value`` so far (the bench gave up waiting for the rest)."""
