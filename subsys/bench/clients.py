@@ -92,6 +92,9 @@ class Helper:
                 self._writer.write(b'{"cmd": "exit"}\n')
                 await asyncio.wait_for(self._writer.drain(), 2)
             self._writer.close()
+            if self.proc.proc is not None:  # let it close its connections itself, briefly
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.proc.proc.wait()), 3)
         await self.proc.stop(timeout=10)
         if self._reader_task is not None:
             self._reader_task.cancel()
@@ -151,7 +154,7 @@ async def spawn_helper(
     try:
         waiter = asyncio.ensure_future(helper.connected.wait())
         exited = asyncio.ensure_future(proc.proc.wait())  # type: ignore[union-attr]
-        done, _ = await asyncio.wait({waiter, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({waiter, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         exited.cancel()
         if not helper.connected.is_set():
@@ -172,15 +175,15 @@ class ClientFleet:
         self._conns: dict[str, dict[str, int]] = {}  # tag -> helper name -> open connections
 
     async def __aenter__(self) -> "ClientFleet":
-        try:
-            self.helpers = list(
-                await asyncio.gather(
-                    *(spawn_helper(self.control, f"client{i + 1}", "subsys.bench.loadclient") for i in range(self.count))
-                )
-            )
-        except BaseException:
+        started = await asyncio.gather(
+            *(spawn_helper(self.control, f"client{i + 1}", "subsys.bench.loadclient") for i in range(self.count)),
+            return_exceptions=True,
+        )
+        self.helpers = [helper for helper in started if isinstance(helper, Helper)]
+        failed = [error for error in started if isinstance(error, BaseException)]
+        if failed:  # stop the ones that did start (a failed one was stopped by spawn_helper)
             await self.stop()
-            raise
+            raise failed[0]
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -188,7 +191,6 @@ class ClientFleet:
 
     async def stop(self) -> None:
         await asyncio.gather(*(helper.stop() for helper in self.helpers), return_exceptions=True)
-        # a helper that failed half-way through spawning is stopped by spawn_helper itself
 
     async def open(
         self,

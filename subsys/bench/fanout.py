@@ -8,8 +8,9 @@ Setup (one invocation, one machine state for both systems):
 * baseline: a plain ``websockets`` broadcast server in its own process
   (:mod:`subsys.bench.baselines`, always on asyncio: a fixed yardstick);
 * N subscribers on each, in ``client_procs`` client processes
-  (:mod:`subsys.bench.loadclient`), so neither server nor the bench is
-  charged for the clients' CPU.
+  (:mod:`subsys.bench.loadclient` with the bare client of
+  :mod:`subsys.bench.rawws`: a few microseconds per frame), so neither
+  server nor the bench is charged for the clients' CPU.
 
 Rounds alternate which system goes first (S B, B S, S B, ...) so slow drifts
 of the machine (another job, thermal) hit both alike. A round waits until
@@ -41,18 +42,21 @@ local socket towards the server):
 Error of "publish": both stamps precede a loopback socket hop to the server
 (Unix socket from PostgreSQL, TCP from the bench), tens of microseconds,
 so publish->first is good to about +-0.1 ms. The clients stamp arrivals
-with the wall clock as their reader task sees the frame; a client process
-reading thousands of frames at once stamps the later ones late, so
-publish->last and the high percentiles include the clients' own reading
-time (for both systems alike: ``client_cpu_us_per_frame`` shows its size).
+with the wall clock of the socket read that brought the frame; the client
+processes share the two cores with the servers, so under load a read comes
+late, and publish->last and the high percentiles include the clients' own
+reading time (for both systems alike: ``client_cpu_us_per_frame`` shows
+its size).
 PostgreSQL's timestamps are microseconds of the same clock (CLOCK_REALTIME).
 
 Figures per system: publish->first and publish->last subscriber (median
 over the rounds), per-subscriber latency p50/p99 (all arrivals of all
 rounds), delivered frames per second (N / publish->last) and time per
 frame per subscriber (publish->last / N), each the median over the rounds,
-and the server process's CPU per delivered frame (psutil; for subsys it
-includes the few idle polls of the round, about 0.3 ms each). ``ratio``
+and the server process's CPU per delivered frame (/proc schedstat, all
+threads; for subsys it includes the few idle polls of the round, well
+under a millisecond each): it does not depend on the clients, the
+steadiest figure on a small machine. ``ratio``
 is subsys / baseline for every figure (for frames/s: below 1 is slower).
 """
 
