@@ -111,7 +111,8 @@ def bench(
         None, "--client-procs", help="fanout, memory: client processes holding the connections (4; memory 2)."
     ),
     event_loop: Optional[str] = typer.Option(
-        None, "--event-loop", help="fanout: the node's node.event_loop, asyncio or uvloop (needs subsys[fast])."
+        None, "--event-loop",
+        help="fanout: the node's node.event_loop, asyncio or uvloop (needs pip install 'subsys\\[fast]').",
     ),
     clients: Optional[int] = typer.Option(None, help="memory: idle subscribed clients per row (1000)."),
     topics: Optional[int] = typer.Option(None, help="dbload: subscribed topics (1000); consul-writes: (100)."),
