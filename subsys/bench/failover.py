@@ -17,7 +17,11 @@ Fault kinds, each ``kills`` times:
 * ``stop``: SIGSTOP (the process is frozen, not dead: no death certificate
   is possible, this is the ordinary check-TTL failover); SIGCONT after the
   round, then the bench waits until the node is healthy and registered
-  with Consul again (a new session).
+  with Consul again (a new session);
+* ``forced``: an operator's forced failover through the admin API (``POST
+  /admin/v1/topics/items:1/failover``, the cluster picks the target): the
+  same clock, from the call to the first resync, side by side with the
+  faults; ``api_took`` is the API's own figure.
 
 ``restart_after`` (the defects issue): SIGKILL, then a restart of the same
 node id ``d`` seconds after the kill, for d in e.g. 0, 1, TTL/2, TTL,
@@ -38,13 +42,14 @@ from typing import Any
 
 from subsys.bench.cluster import LOCK_DELAY, cluster_spec, wait_for
 from subsys.bench.support import BenchError, progress, ratio, reconfigure, summarize_s
+from subsys.client.admin import AdminClient
 from subsys.client.ws import connect
 from subsys.testing.cluster import LocalCluster
 from subsys.testing.nodes import NodeProcess
 
 __all__ = ["bench_failover", "KINDS", "parse_delays"]
 
-KINDS = ("kill", "kill-restart", "stop")
+KINDS = ("kill", "kill-restart", "stop", "forced")
 TOPIC = "items:1"
 
 
@@ -101,6 +106,7 @@ async def bench_failover(
     bound = 3 * check_ttl + LOCK_DELAY + 20  # no resync by then: a timeout
     started = time.monotonic()
     times: dict[str, list[float]] = {}
+    api_times: dict[str, list[float]] = {}  # forced failovers: the admin API's own "took"
     timeouts: dict[str, int] = {}
     progress("starting PostgreSQL, Consul and three nodes")
     spec = cluster_spec(nodes=3, interval=interval, check_ttl=check_ttl, consul={"fast_failover": modes[0]})
@@ -117,7 +123,7 @@ async def bench_failover(
                 times[key], timeouts[key] = [], 0
                 for run in range(runs):
                     progress(f"{key}: {run + 1} of {runs}")
-                    elapsed = await _round(cluster, kind, delay=delay, bound=bound)
+                    elapsed = await _round(cluster, kind, delay=delay, bound=bound, api_took=api_times.setdefault(key, []))
                     if elapsed is None:
                         timeouts[key] += 1
                     else:
@@ -136,6 +142,7 @@ async def bench_failover(
                     **({"restart_after_s": delay_of[name]} if name in delay_of else {}),
                     **summarize_s(times[key]),
                     "timeouts": timeouts[key],
+                    **({"api_took": summarize_s(api_times[key])} if api_times.get(key) else {}),
                 }
         fast, slow = results.get(f"{name}.fast"), results.get(f"{name}.slow")
         if fast and slow:
@@ -185,7 +192,9 @@ async def _settled_owner(cluster: LocalCluster, *, settle: float = 0.5, timeout:
         owner = again
 
 
-async def _round(cluster: LocalCluster, kind: str, *, delay: float, bound: float) -> float | None:
+async def _round(
+    cluster: LocalCluster, kind: str, *, delay: float, bound: float, api_took: list[float]
+) -> float | None:
     nodes = cluster.nodes
     resynced: dict[str, float] = {}
     base_epoch: dict[str, int] = {}
@@ -223,7 +232,12 @@ async def _round(cluster: LocalCluster, kind: str, *, delay: float, bound: float
             holder = record.holder if record else ""
         faulted_at = time.monotonic()
         fault.append((faulted_at, owner.epoch))
-        if kind == "stop":
+        if kind == "forced":
+            async with AdminClient(nodes[next(n for n in nodes if n != victim.name)].url,
+                                   token=cluster.admin_token) as admin:  # fmt: skip
+                moved = await admin.failover(TOPIC)
+            api_took.append(moved.took_ms / 1000)
+        elif kind == "stop":
             victim.signal(signal.SIGSTOP)
         else:
             victim.kill()
@@ -243,7 +257,9 @@ async def _round(cluster: LocalCluster, kind: str, *, delay: float, bound: float
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     # put the victim back for the next round, and wait until it is part of the cluster again
-    if kind == "stop":
+    if kind == "forced":
+        pass  # nothing died
+    elif kind == "stop":
         victim.signal(signal.SIGCONT)
         await victim.wait_ready()
 
