@@ -89,18 +89,17 @@ def _key_summary(fact: KeyFact | None) -> dict[str, Any] | None:
 def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
     records, reports = scan.records, scan.reports
     owner_keys = {f.topic: f for f in records.keys if f.kind == "owner"}
-    node_keys = {f.node: f for f in records.keys if f.kind == "node"}
     presence_keys = [f for f in records.keys if f.kind == "presence"]
     live_session = {nid: s for nid, r in reports.items() if (s := _session_of(r))}
     session_node = {s.id: s.node for s in records.sessions}
     findings: list[Finding] = []
 
     def gone(node: str) -> str | None:
-        """Why ``node``'s process is known to be gone, or None if it is not known to be."""
+        """Why ``node``'s process is known to be gone (its address refuses connections: a death
+        certificate), or None. Absence is no evidence: a node that is starting has a session and
+        a registration before its node key, and a frozen one just times out."""
         if node in scan.refused:
             return f"its address refuses connections ({scan.unreachable.get(node, 'refused')})"
-        if node not in reports and node not in node_keys and node not in scan.unreachable:
-            return "it is not registered in the cluster"
         return None
 
     def dead_holder(holder: str, claimed: str) -> str | None:
@@ -113,9 +112,10 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
             return f"{node}: {why}"
         session = next((s for s in records.sessions if s.id == holder), None)
         if session is not None:
-            failed = [c for c in session.checks if c != "serfHealth" and records.check_status.get(c, "missing") != "passing"]
+            # Critical only: a check the catalog does not show yet may be one just registered.
+            failed = [c for c in session.checks if c != "serfHealth" and records.check_status.get(c) == "critical"]
             if failed:
-                return f"its check {failed[0]} is {records.check_status.get(failed[0], 'missing')}"
+                return f"its check {failed[0]} is critical"
         return None
 
     # -- pollers -----------------------------------------------------------------------
@@ -229,15 +229,19 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
             node = reg["node"]
             current = reports.get(node, {}).get("incarnation")
             why = None
+            critical = [c for c, status in (reg.get("checks") or {}).items() if status == "critical"]
             if node in reports and current and reg.get("incarnation") and reg["incarnation"] != current:
                 why = f"registered by incarnation {reg['incarnation']}; {node} runs as {current}"
             elif node not in reports and (reason := gone(node)):
                 why = f"{node}: {reason}"
+            elif node not in reports and critical:
+                why = f"{node} does not answer and its check {critical[0]} is critical"
             if why:
                 findings.append(Finding(
                     "leaked_registration", reg["service_id"], [node],
                     {"agent_of": reporter, "registration": reg, "why": why},
-                    [{"do": "deregister", "node": reporter, "service_id": reg["service_id"]}],
+                    [{"do": "deregister", "node": reporter, "service_id": reg["service_id"],
+                      "incarnation": reg.get("incarnation", "")}],  # fmt: skip
                 ))  # fmt: skip
     return findings
 

@@ -25,7 +25,8 @@ LONG_TTL = 30.0
 
 
 def zombie_spec(items_db: str, *, reap: bool, interval: float = 0.5, **settings):
-    return items_spec(items_db, consul={"check_ttl": LONG_TTL},
+    # No fast failover: a follower would end a dead owner's session before the scan could list it.
+    return items_spec(items_db, consul={"check_ttl": LONG_TTL, "fast_failover": False},
                       node={"zombie_reap": reap, "zombie_interval": interval, **settings.pop("node", {})}, **settings)  # fmt: skip
 
 

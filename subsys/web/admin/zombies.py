@@ -167,7 +167,7 @@ class ZombieService:
             elif do == "release":
                 done = await node.release_idle(action["topic"], int(action["epoch"]))
             else:
-                done = await self.deregister(action["service_id"])
+                done = await self.deregister(action["service_id"], action.get("incarnation", ""))
         else:
             record = coordinator.view.nodes.get(target)
             if record is None:
@@ -179,14 +179,31 @@ class ZombieService:
             done = bool(answer.get("done"))
         return done, (_describe(action) if done else "the evidence no longer holds: nothing done")
 
-    async def deregister(self, service_id: str) -> bool:
-        """Deregister a leaked registration from this node's agent if its process is still gone."""
+    async def deregister(self, service_id: str, incarnation: str = "") -> bool:
+        """Deregister a leaked registration from this node's agent if it is still the one judged
+        (same incarnation: a restarted process re-registers under the same service id) and its
+        process is still gone (another incarnation is live, its check is critical, or its address
+        refuses connections now)."""
         node = self.app[NODE]
         view = node.coordinator.view
 
+        async def dead_address(name: str) -> bool:
+            record = view.nodes.get(name)
+            return record is not None and await refuses(record.address)
+
+        registrations = {r.service_id: r for r in await node.coordinator.local_registrations()}
+        judged = registrations.get(service_id)
+        if judged is None or (incarnation and judged.incarnation != incarnation):
+            return False
+        refused = await dead_address(judged.node)
+
         def still_dead(reg: Any) -> bool:
+            if incarnation and reg.incarnation != incarnation:
+                return False
             current = view.nodes.get(reg.node)
-            return current is None or (bool(reg.incarnation) and current.incarnation != reg.incarnation)
+            if current is not None and reg.incarnation and current.incarnation != reg.incarnation:
+                return True
+            return refused or any(status == "critical" for status in reg.checks.values())
 
         return await node.coordinator.deregister_if(service_id, still_dead=still_dead)
 
