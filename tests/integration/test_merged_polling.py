@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import signal
+import time
 
 import pytest
 
@@ -228,3 +231,32 @@ async def test_clients_get_the_same_frames_merged_or_not(start_node, database_ur
 def _content(frames: list[dict]) -> list[dict]:
     """Frames without what differs between two nodes by design (nothing but the message text of errors)."""
     return [{k: v for k, v in f.items() if k != "message"} for f in frames]
+
+
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "per-topic"])
+async def test_a_hung_call_is_a_stuck_query_and_reaping_ends_it(start_node, database_url, merged):
+    """Its backend frozen, a poll's database call hangs; the topic stops at once, the call is reported, then reaped."""
+    await db_execute(database_url, SCHEMA)
+    feed = {**LOGGED, "statement_timeout": 60.0}
+    node = await start_node({"items": feed}, database_url=database_url, database={"merged_polling": merged})
+    async with connect(node.ws_url) as client:
+        (sub,) = await _subscribe_all(client, ["items:1"])
+        epoch = node.node.running_pollers()["items:1"]
+        pids = [r["pid"] for r in await db_fetch(
+            database_url, "SELECT pid FROM pg_stat_activity WHERE application_name = $1", node.application_name)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.5)  # the next poll hangs in a frozen backend
+            started = time.monotonic()
+            assert await node.node.hand_over("items:1", epoch, to=None, reason="test")
+            assert time.monotonic() - started < 3, "stopping a topic never waits on the database"
+            assert "items:1" not in node.node.running_pollers()
+            (stuck,) = await eventually(node.node.stuck_queries, timeout=10, message="a stuck query")
+            assert stuck["topics"] == {"items:1": epoch} and stuck["feed"] == "items" and stuck["pid"] in pids
+            assert await node.node.reap_query(stuck["id"])
+            await eventually(lambda: not node.node.stuck_queries(), message="reaped")
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        await sub.stop()
