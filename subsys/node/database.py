@@ -12,12 +12,15 @@ are ``database_unavailable``.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import time
+import uuid
 from typing import Any, Callable, Sequence
 
 import asyncpg
+from asyncpg.pgproto import pgproto
 
 from subsys.config import DatabaseConfig, Feed
 from subsys.core.diff import Rows, index_rows
@@ -26,7 +29,7 @@ from subsys.core.errors import PollError
 
 __all__ = [
     "Database", "classify_error", "run_feed_query", "limited_sql", "acquire", "release", "feed_rows", "split_merged",
-    "prepare_merged", "Unmergeable",
+    "bucket_merged", "encodes_as_compared", "prepare_merged", "Unmergeable",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,22 +110,40 @@ def feed_rows(records: Sequence[asyncpg.Record], feed: Feed, names: Sequence[str
     return index_rows((encode_row(zip(names, record[1:-1])) for record in records), feed.key)
 
 
-def split_merged(records: Sequence[asyncpg.Record], feed: Feed, count: int) -> list[Rows | PollError]:
-    """Split a merged statement's rows (see subsys.node.merge) into each parameter's outcome."""
+def bucket_merged(records: Sequence[asyncpg.Record], count: int) -> tuple[list[list[asyncpg.Record]], tuple[str, ...]]:
+    """A merged statement's rows (see subsys.node.merge) by parameter, and the feed's column names."""
     buckets: list[list[asyncpg.Record]] = [[] for _ in range(count)]
     for record in records:
         buckets[record[0] - 1].append(record)
-    names = tuple(records[0].keys())[1:-1] if records else ()
-    outcomes: list[Rows | PollError] = []
     for bucket in buckets:
         # Each topic's rows in the order its query gave them (the row number), whatever the
         # plan interleaved; already in order in practice, which the sort checks in O(n).
         bucket.sort(key=_row_number)
+    return buckets, (tuple(records[0].keys())[1:-1] if records else ())
+
+
+def split_merged(records: Sequence[asyncpg.Record], feed: Feed, count: int) -> list[Rows | PollError]:
+    """Each parameter's outcome from a merged statement's rows: what its own query would give."""
+    buckets, names = bucket_merged(records, count)
+    outcomes: list[Rows | PollError] = []
+    for bucket in buckets:
         try:
             outcomes.append(feed_rows(bucket, feed, names))
         except PollError as exc:
             outcomes.append(exc)
     return outcomes
+
+
+# Types whose values encode the same whenever they compare equal (not Decimal: 1.0 == 1.00; not
+# float: 0.0 == -0.0; not json: 1 == 1.0 == True inside; not time: equal instants, other offsets).
+# A column's type cannot change under a prepared statement (PostgreSQL refuses the next run).
+_SAME_ENCODING = frozenset({type(None), bool, int, str, bytes, uuid.UUID, pgproto.UUID, dt.date, dt.datetime})
+
+
+def encodes_as_compared(values: Sequence[Sequence[Any]]) -> bool:
+    """True if rows of these raw values equal to them would also encode the same (see above)."""
+    same = _SAME_ENCODING
+    return all(type(value) in same for row in values for value in row)
 
 
 def _row_number(record: asyncpg.Record) -> int:

@@ -29,7 +29,7 @@ def topic_report(node: Node, stream: TopicStream, *, rows: bool = False) -> dict
         "last_error": stream.last_error,
         "local_subscribers": len(stream.local),
         "followers": len(stream.remote),
-        "polling_epoch": node.running_pollers().get(stream.topic),
+        "polling_epoch": node.pollers.epoch_of(stream.topic),
         "following": node.follower.following(stream.topic) if node.follower is not None else None,
         "rows": len(stream.rows),
         "interval": stream.feed.interval,

@@ -20,11 +20,20 @@ from subsys.core.diff import Rows
 from subsys.core.errors import FencedError, PollError
 from subsys.node.stream import TopicStream
 
-__all__ = ["Poller", "QueryRunner", "deliver"]
+__all__ = ["Poller", "QueryRunner", "deliver", "UNCHANGED"]
 
 log = logging.getLogger(__name__)
 
 QueryRunner = Callable[[TopicStream, "Poller"], Awaitable[Rows]]
+
+
+class _Unchanged:
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+# An outcome: the same rows as the stream published last (known without decoding them).
+UNCHANGED: Any = _Unchanged()
 
 
 def deliver(
@@ -44,6 +53,8 @@ def deliver(
     if not can_publish(stream.topic, epoch):
         log.info("poller fenced topic=%s epoch=%d: result discarded", stream.topic, epoch)
         return False
+    if outcome is UNCHANGED:
+        return epoch >= stream.epoch  # nothing to publish; an older epoch is fenced as publish_rows would
     try:
         if error is not None:
             if stream.state != "error" or (stream.last_error or {}).get("code") != error.code:

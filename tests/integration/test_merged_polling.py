@@ -260,3 +260,19 @@ async def test_a_hung_call_is_a_stuck_query_and_reaping_ends_it(start_node, data
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
         await sub.stop()
+
+
+async def test_equal_values_that_encode_differently_are_still_diffed(start_node, database_url):
+    """Unchanged rows are not decoded again, but only where equal means equal frames: 1.0 -> 1.00 is a diff."""
+    await db_execute(database_url, "CREATE TABLE m (id int PRIMARY KEY, grp int, x numeric, f float8, j jsonb);"
+                                   "INSERT INTO m VALUES (1, 1, 1.0, 0.0, '1')")  # fmt: skip
+    feed = {"sql": "SELECT id, x, f, j FROM m WHERE grp = $1", "key": "id", "param": "int", "interval": 0.05}
+    node = await start_node({"m": feed}, database_url=database_url)
+    async with connect(node.ws_url) as client:
+        (sub,) = await _subscribe_all(client, ["m:1"])
+        # (0.0 -> -0.0 is no diff merged or not: the diff compares decoded values, which are equal.)
+        for change, column, value in [("x = 1.00", "x", "1.00"), ("j = '1.0'", "j", 1.0), ("x = 1.000", "x", "1.000")]:
+            await db_execute(database_url, f"UPDATE m SET {change}")
+            diff = await sub.next_data()
+            assert diff["type"] == "diff" and str(diff["updated"][0][column]) == str(value), (change, diff)
+        await sub.stop()

@@ -83,3 +83,15 @@ def test_what_cannot_be_merged_says_why(sql, why):
 )
 def test_what_can_be_merged(sql):
     assert isinstance(plan_feed(sql), MergeTemplate)
+
+
+def test_raw_values_stand_for_their_encoding_only_where_equal_means_equal():
+    import datetime as dt
+    import decimal
+    import uuid
+
+    from subsys.node.database import encodes_as_compared
+
+    assert encodes_as_compared([(1, "a", None, True, uuid.uuid4(), dt.date(2020, 1, 1), dt.datetime(2020, 1, 1))])
+    for value in (decimal.Decimal("1.0"), 0.0, {"a": 1}, [1], dt.time(1, tzinfo=dt.timezone.utc), dt.timedelta(1)):
+        assert not encodes_as_compared([(1, value)]), value
