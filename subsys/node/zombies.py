@@ -26,6 +26,8 @@ __all__ = ["KINDS", "Finding", "ScanInput", "Timing", "detect", "Tracker"]
 KINDS = {
     "orphan_poller": "a poller runs on a node whose session does not hold the topic's key at its epoch",
     "duplicate_poller": "more than one node runs a poller for one topic",
+    "stuck_query": "a node's database call that did not end when it should have (past its statement_timeout, or"
+    " cancelled because its topics stopped, and still running): a hung backend holding a connection",
     "stuck_owner": "an owner key held by a session whose node is gone, restarted, or does not poll the topic",
     "idle_owner": "an owner key held with no presence anywhere beyond the grace period",
     "stale_presence": "a presence entry for a node that is gone or has no such subscribers",
@@ -119,30 +121,46 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
         return None
 
     # -- pollers -----------------------------------------------------------------------
-    running: dict[str, list[tuple[str, int, bool]]] = {}  # topic -> (node, epoch, stuck)
+    running: dict[str, list[tuple[str, int]]] = {}  # topic -> (node, epoch)
     for nid, report in reports.items():
         for topic, epoch in (report.get("pollers") or {}).items():
-            running.setdefault(topic, []).append((nid, int(epoch), False))
-        for item in report.get("stuck_pollers") or []:
-            running.setdefault(item["topic"], []).append((nid, int(item["epoch"]), True))
+            running.setdefault(topic, []).append((nid, int(epoch)))
     for topic, entries in sorted(running.items()):
         key = owner_keys.get(topic)
 
-        def rightful(nid: str, epoch: int, stuck: bool) -> bool:
-            return not stuck and key is not None and key.holder == live_session.get(nid) and key.index == epoch
+        def rightful(nid: str, epoch: int) -> bool:
+            return key is not None and key.holder == live_session.get(nid) and key.index == epoch
 
         strays = [e for e in entries if not rightful(*e)]
         if not strays:
             continue
         evidence = {
-            "pollers": [{"node": n, "epoch": e, "stuck": s} for n, e, s in entries],
+            "pollers": [{"node": n, "epoch": e} for n, e in entries],
             "owner_key": _key_summary(key),
-            "sessions": {n: live_session.get(n) for n, _e, _s in entries},
-            "db_connections": {n: scan.db_connections.get(n) for n, _e, _s in entries},
+            "sessions": {n: live_session.get(n) for n, _e in entries},
+            "db_connections": {n: scan.db_connections.get(n) for n, _e in entries},
         }
-        actions = [{"do": "stop_poller", "node": n, "topic": topic, "epoch": e} for n, e, _s in strays]
+        actions = [{"do": "stop_poller", "node": n, "topic": topic, "epoch": e} for n, e in strays]
         kind = "duplicate_poller" if len(entries) > 1 else "orphan_poller"
-        findings.append(Finding(kind, topic, sorted({n for n, _e, _s in entries}), evidence, actions))
+        findings.append(Finding(kind, topic, sorted({n for n, _e in entries}), evidence, actions))
+
+    # -- stuck database calls ----------------------------------------------------------
+    # One finding per call, not per topic: a merged statement polls many topics, and ending it
+    # (terminating its connection) is one action. Its topics carry on without it on that node.
+    for nid, report in sorted(reports.items()):
+        for item in report.get("stuck_queries") or []:
+            topics = []
+            for topic, epoch in sorted((item.get("topics") or {}).items()):
+                key = owner_keys.get(topic)
+                held = key is not None and key.holder == live_session.get(nid) and key.index == int(epoch)
+                topics.append({"topic": topic, "epoch": int(epoch), "held_by_node": held})
+            evidence = {
+                "node": nid, "feed": item.get("feed"), "topics": topics, "pid": item.get("pid"),
+                "age": item.get("age"), "since": item.get("since"), "why": item.get("why"),
+                "db_connections": scan.db_connections.get(nid),
+            }  # fmt: skip
+            action = {"do": "terminate_query", "node": nid, "query": item["id"], "pid": item.get("pid")}
+            findings.append(Finding("stuck_query", f"{nid}/{item['id']}", [nid], evidence, [action]))
 
     # -- owner keys ----------------------------------------------------------------------
     presence_of: dict[str, set[str]] = {}

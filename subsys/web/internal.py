@@ -89,6 +89,8 @@ async def _reap(request: web.Request) -> web.Response:
     do = body.get("do")
     if do == "stop_poller":
         done = await node.reap_poller(str(body["topic"]), int(body["epoch"]))
+    elif do == "terminate_query":
+        done = await node.reap_query(str(body["query"]))
     elif do == "release":
         done = await node.release_idle(str(body["topic"]), int(body["epoch"]))
     elif do == "deregister":

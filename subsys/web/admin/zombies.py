@@ -10,7 +10,8 @@ on its own (``node.zombie_reap``); any node scans on demand for the API.
 Reaping is fenced like everything else: every action re-checks its evidence
 at the moment of acting (a key is deleted only at the index that was judged,
 a session destroyed only if it is still dead, a poller stopped only if its
-node still does not hold the key at its epoch).
+node still does not hold the key at its epoch, a query's connection terminated
+only if that query is still stuck).
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ class ZombieService:
         if target == node.node_id:
             if do == "stop_poller":
                 done = await node.reap_poller(action["topic"], int(action["epoch"]))
+            elif do == "terminate_query":
+                done = await node.reap_query(action["query"])
             elif do == "release":
                 done = await node.release_idle(action["topic"], int(action["epoch"]))
             else:
@@ -251,12 +254,21 @@ def _describe(action: dict[str, Any]) -> str:
         return f"stop {action['node']}'s poller of {action['topic']} (epoch {action['epoch']})"
     if do == "release":
         return f"make {action['node']} release {action['topic']} (epoch {action['epoch']})"
+    if do == "terminate_query":
+        return f"terminate the connection of {action['node']}'s stuck query {action['query']} (backend pid {action.get('pid')})"
     return f"deregister {action['service_id']} from {action['node']}'s agent"
+
+
+def _topics_of(finding: Finding) -> set[str]:
+    """The topics a finding is about: its subject's, or a stuck query's (a merged call polls many)."""
+    if finding.kind == "stuck_query":
+        return {t["topic"] for t in finding.evidence.get("topics") or []}
+    return {finding.subject.split("@")[0]}
 
 
 def _matches(finding: Finding, *, kind: str | None, topic: str | None, node: str | None) -> bool:
     return ((kind is None or finding.kind == kind)
-            and (topic is None or finding.subject.split("@")[0] == topic)
+            and (topic is None or topic in _topics_of(finding))
             and (node is None or node in finding.nodes))  # fmt: skip
 
 
