@@ -247,13 +247,13 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
             node = reg["node"]
             current = reports.get(node, {}).get("incarnation")
             why = None
-            critical = [c for c, status in (reg.get("checks") or {}).items() if status == "critical"]
+            # A critical check alone proves nothing here: a frozen process (a long pause, SIGSTOP)
+            # resumes and re-registers under the same id, and a deregistration racing that would
+            # take its fresh registration. Consul removes a critical one itself after a minute.
             if node in reports and current and reg.get("incarnation") and reg["incarnation"] != current:
                 why = f"registered by incarnation {reg['incarnation']}; {node} runs as {current}"
             elif node not in reports and (reason := gone(node)):
                 why = f"{node}: {reason}"
-            elif node not in reports and critical:
-                why = f"{node} does not answer and its check {critical[0]} is critical"
             if why:
                 findings.append(Finding(
                     "leaked_registration", reg["service_id"], [node],

@@ -262,6 +262,18 @@ async def test_release_at_the_acquired_epoch_frees_the_topic(backend: Backend) -
     assert TOPIC not in (await backend.cluster_view(c)).owners
 
 
+async def test_a_release_for_a_node_shows_its_reservation_in_the_releasers_view_at_once(backend: Backend) -> None:
+    """Before any watch fires: else the old owner's own reconcile takes the topic straight back."""
+    c = await backend.start()
+    record = await c.acquire(TOPIC)
+    assert record is not None
+    assert await c.release(TOPIC, record.epoch, to="elsewhere", reason="contract")
+    reservation = c.view.reservations.get(TOPIC)
+    assert reservation is not None and reservation.for_node == "elsewhere", c.view.reservations
+    assert reservation.active(time.time()) and reservation.from_epoch == record.epoch
+    assert TOPIC not in c.view.owners
+
+
 async def test_release_at_a_wrong_epoch_does_not_free_the_topic(backend: Backend) -> None:
     c = await backend.start()
     record = await c.acquire(TOPIC)

@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable
 
 from subsys.config import Settings
-from subsys.coordinator.base import HANDOFF_HOLD, Coordinator, KeyFact, OwnerRecord, Records, RegistrationFact
+from subsys.coordinator.base import HANDOFF_HOLD, Coordinator, KeyFact, OwnerRecord, Records, RegistrationFact, Reservation
 from subsys.coordinator.consul import keys
 from subsys.coordinator.consul.client import ConsulClient, KVEntry, NotFound
 from subsys.coordinator.consul.view import apply_listing, read_records, registrations
@@ -411,6 +411,13 @@ class ConsulCoordinator(Coordinator):
             done = await self.client.kv_release_at(key, session=self.session, index=epoch, value=reserved)
         if done:
             self._released[topic] = max(epoch, self._released.get(topic, 0))
+            if to is not None:
+                # Known here before the watch says so: this node's own reconcile must not take
+                # straight back what it has just handed over.
+                self.view.reservations[topic] = Reservation(
+                    topic=topic, for_node=to, until=reserved["until"], reason=reason,
+                    from_node=self.node_id, from_epoch=epoch,
+                )  # fmt: skip
         current = self.view.owners.get(topic)
         if done and current is not None and current.epoch == epoch and self.holds(current):
             del self.view.owners[topic]

@@ -185,8 +185,7 @@ class ZombieService:
     async def deregister(self, service_id: str, incarnation: str = "") -> bool:
         """Deregister a leaked registration from this node's agent if it is still the one judged
         (same incarnation: a restarted process re-registers under the same service id) and its
-        process is still gone (another incarnation is live, its check is critical, or its address
-        refuses connections now)."""
+        process is still gone (another incarnation is live, or its address refuses connections now)."""
         node = self.app[NODE]
         view = node.coordinator.view
 
@@ -206,7 +205,7 @@ class ZombieService:
             current = view.nodes.get(reg.node)
             if current is not None and reg.incarnation and current.incarnation != reg.incarnation:
                 return True
-            return refused or any(status == "critical" for status in reg.checks.values())
+            return refused
 
         return await node.coordinator.deregister_if(service_id, still_dead=still_dead)
 
