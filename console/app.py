@@ -191,7 +191,7 @@ class ConsoleApp(App):
         if self.can_act:
             sections.append(("Confirmation", keys(ActionModal.BINDINGS)))
         else:
-            sections.append(("Read-only", [("", "failover, drain and undrain are not offered: " +
+            sections.append(("Read-only", [("", "failover, drain, undrain and reaping zombies are not offered: " +
                                             ("--read-only" if self.read_only_arg else "a read token or not connected"))]))
         return sections
 

@@ -87,6 +87,9 @@ class Formatter:
     def series(self, values: Sequence[float]) -> list[float]:
         return list(values)
 
+    def version(self, value: str) -> str:
+        return value
+
     def text(self, value: str) -> str:
         """Free text from the node (reasons, errors) may embed addresses and ids."""
         return value
@@ -127,6 +130,9 @@ class StableFormatter(Formatter):
 
     def ident(self, value: str | None) -> str:
         return "5f3a9c1e…" if value else DASH
+
+    def version(self, value: str) -> str:
+        return "1.0.0"  # a release must not change every snapshot
 
     def series(self, values: Sequence[float]) -> list[float]:
         return [1, 2, 3, 2, 4, 3, 5, 2, 3, 4, 6, 3, 2, 3, 4, 3][: max(len(values), 0)] or []
