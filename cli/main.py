@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -108,34 +109,87 @@ def dev(
 
 @app.command()
 def bench(
-    what: str = typer.Argument(..., help="latency | memory | failover | consul-writes"),
-    changes: int = typer.Option(200, help="latency: row changes to time."),
-    clients: int = typer.Option(1000, help="memory: idle subscribed clients."),
-    kills: int = typer.Option(20, help="failover: owner kills to time."),
-    topics: int = typer.Option(100, help="consul-writes: subscribed topics."),
-    interval: float = typer.Option(0.1, help="Feed poll interval in seconds."),
-    check_ttl: float = typer.Option(3.0, "--check-ttl", help="failover: the nodes' Consul check TTL in seconds."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    what: str = typer.Argument(..., help="latency | fanout | dbload | memory | failover | consul-writes"),
+    changes: Optional[int] = typer.Option(None, help="latency: row changes to time (200)."),
+    subscribers: Optional[int] = typer.Option(None, help="fanout: subscribers of the one topic, on each server (1000)."),
+    rounds: Optional[int] = typer.Option(None, help="fanout: published changes to time (20)."),
+    client_procs: Optional[int] = typer.Option(
+        None, "--client-procs", help="fanout, memory: client processes holding the connections (4; memory 2)."
+    ),
+    event_loop: Optional[str] = typer.Option(
+        None, "--event-loop",
+        help="fanout: the node's node.event_loop, asyncio or uvloop (needs pip install 'subsys\\[fast]').",
+    ),
+    clients: Optional[int] = typer.Option(None, help="memory: idle subscribed clients per row (1000)."),
+    topics: Optional[int] = typer.Option(None, help="dbload: subscribed topics (1000); consul-writes: (100)."),
+    window: Optional[float] = typer.Option(None, help="dbload (30), consul-writes (60): seconds counted."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="dbload: database.batch_size for the merged-polling phase (100)."
+    ),
+    kills: Optional[int] = typer.Option(None, help="failover: faults of each kind, per fast_failover mode (20)."),
+    kinds: Optional[str] = typer.Option(None, help="failover: fault kinds, of kill,kill-restart,stop (all)."),
+    fast_failover: Optional[str] = typer.Option(
+        None, "--fast-failover", help="failover: consul.fast_failover both | true | false (both: the ratio)."
+    ),
+    restart_after: Optional[str] = typer.Option(
+        None, "--restart-after",
+        help="failover: restart delays after SIGKILL, seconds or ttl or ttl/2 (0,1,ttl/2,ttl; none to skip).",
+    ),
+    restart_runs: Optional[int] = typer.Option(None, "--restart-runs", help="failover: runs per restart delay (5)."),
+    interval: Optional[float] = typer.Option(None, help="Feed poll interval in seconds (0.1; dbload 1)."),
+    check_ttl: Optional[float] = typer.Option(None, "--check-ttl", help="failover: the nodes' Consul check TTL (3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (stable keys)."),
 ) -> None:
-    """Measure subsys on this machine (each bench starts what it needs and stops it)."""
+    """Measure subsys on this machine, against a baseline in the same run (each bench starts and stops all it needs)."""
     from subsys.bench import run_bench
+    from subsys.bench.report import render
 
-    result = asyncio.run(
-        run_bench(
-            what,
-            changes=changes,
-            clients=clients,
-            kills=kills,
-            topics=topics,
-            interval=interval,
-            check_ttl=check_ttl,
-        )
-    )
+    options = dict(
+        changes=changes, subscribers=subscribers, rounds=rounds, client_procs=client_procs, event_loop=event_loop,
+        clients=clients, topics=topics, window=window, batch_size=batch_size, kills=kills, kinds=kinds,
+        fast_failover=fast_failover, restart_after=restart_after, restart_runs=restart_runs, interval=interval,
+        check_ttl=check_ttl,
+    )  # fmt: skip
+    async def bench_until_stopped() -> dict:
+        # SIGTERM unwinds like Ctrl-C (the main task is cancelled): every `async with` stops what it
+        # started (nodes, PostgreSQL, Consul, baseline and client processes) instead of dying with them up
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await run_bench(what, **options)
+
+    try:
+        result = asyncio.run(bench_until_stopped())
+    except (KeyboardInterrupt, asyncio.CancelledError):  # its processes were stopped as its blocks unwound
+        err.print("bench interrupted")
+        raise typer.Exit(130) from None
     if as_json:
         print(json.dumps(result))
     else:
-        for key, value in result.items():
-            print(f"{key:>28}: {value}")
+        # a pipe or a file gets wide tables rather than truncated columns
+        render(result, Console() if sys.stdout.isatty() else Console(width=160))
+    if "error" in result:
+        raise typer.Exit(1)
+
+
+@app.command()
+def chaos(
+    rounds: int = typer.Option(10, help="Rounds: one fault each, then recovery checks."),
+    seed: int = typer.Option(1, help="Seed of every random choice (faults' order and targets, clients, writer)."),
+    faults: Optional[str] = typer.Option(None, help="Comma list of fault kinds (default: all that fit the cluster)."),
+    nodes: int = typer.Option(3, help="subsys nodes."),
+    clients: int = typer.Option(45, help="WebSocket clients, spread over the nodes."),
+    topics: int = typer.Option(12, help="Topics the clients subscribe to (4 each)."),
+    consul_servers: int = typer.Option(1, "--consul-servers", help="1, or 3 (with a client agent per node)."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep logs and Consul data here (default: a temp dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+) -> None:
+    """Apply faults to a local cluster and check its guarantees; exit 1 on any violation."""
+    from subsys.chaos.cli import run_chaos_command
+
+    raise typer.Exit(run_chaos_command(rounds=rounds, seed=seed, faults=faults, nodes=nodes, clients=clients,
+                                       topics=topics, consul_servers=consul_servers, workdir=workdir,
+                                       as_json=as_json))  # fmt: skip
 
 
 # -- operating a cluster: the admin API (docs/operations.md, "CLI") ---------------------------------------------------

@@ -1,24 +1,23 @@
-"""Cluster benchmarks: failover time and Consul writes (``subsys bench failover|consul-writes``).
+"""Cluster benches: Consul writes (``subsys bench consul-writes``), and what the cluster benches share.
 
 Each run is a :class:`~subsys.testing.cluster.LocalCluster`: its own embedded
 PostgreSQL, a loopback Consul server agent (consul/install.sh) and
-``subsys serve`` processes, all stopped at the end.
+``subsys serve`` processes, all stopped at the end. ``failover`` lives in
+:mod:`subsys.bench.failover`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 from typing import Any, Awaitable, Callable
 
 from subsys.bench.support import BenchError, IdleClients, progress
-from subsys.client.ws import connect
 from subsys.testing.cluster import ClusterSpec, LocalCluster
 from subsys.testing.consul import ConsulAgent
 from subsys.testing.nodes import NodeProcess
 
-__all__ = ["bench_failover", "bench_consul_writes"]
+__all__ = ["bench_consul_writes", "cluster_spec", "wait_for", "LOCK_DELAY"]
 
 LOCK_DELAY = 0.5
 _SCHEMA = (
@@ -27,24 +26,26 @@ _SCHEMA = (
 )
 
 
-def _spec(*, nodes: int, interval: float, check_ttl: float) -> ClusterSpec:
+def cluster_spec(*, nodes: int, interval: float, check_ttl: float, **settings: dict[str, Any]) -> ClusterSpec:
+    """``nodes`` nodes on a loopback Consul server; ``settings`` sections come on top (e.g. ``consul=...``)."""
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"grace_period": 5.0},
+        "consul": {"check_ttl": float(check_ttl), "lock_delay": LOCK_DELAY},
+    }
+    for name, values in settings.items():
+        sections.setdefault(name, {}).update(values)
     return ClusterSpec(
         nodes=nodes,
         feeds={"items": {"sql": "select id, v from items where grp = $1", "key": ["id"], "param": "int",
                          "interval": float(interval)}},
         schema=_SCHEMA,
-        settings={"node": {"grace_period": 5.0}, "consul": {"check_ttl": float(check_ttl), "lock_delay": LOCK_DELAY}},
+        settings=sections,
         node_names=tuple(f"b{i + 1}" for i in range(nodes)),
         log_level="WARNING",
     )  # fmt: skip
 
 
-async def _owner(cluster: LocalCluster, topic: str) -> tuple[str, int] | None:
-    owner = await cluster.owner_of(topic)
-    return (owner.node_id, owner.epoch) if owner else None
-
-
-async def _wait(predicate: Callable[[], Awaitable[Any]], timeout: float = 60.0, what: str = "condition") -> Any:
+async def wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 60.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = await predicate()
@@ -54,91 +55,20 @@ async def _wait(predicate: Callable[[], Awaitable[Any]], timeout: float = 60.0, 
     raise BenchError(f"timed out after {timeout:g}s waiting for {what}")
 
 
-# -- failover ------------------------------------------------------------------
-
-
-async def bench_failover(*, kills: int = 20, interval: float = 0.1, check_ttl: float = 3.0) -> dict[str, Any]:
-    """SIGKILL the owner ``kills`` times; time to the first resync on another node."""
-    topic = "items:1"
-    kills = max(1, int(kills))
-    started = time.monotonic()
-    progress("starting PostgreSQL, Consul and three nodes")
-    async with LocalCluster(_spec(nodes=3, interval=interval, check_ttl=check_ttl)) as cluster:
-        times: list[float] = []
-        for round_ in range(kills):
-            progress(f"kill {round_ + 1} of {kills}")
-            times.append(await _one_failover(cluster, topic))
-    return {
-        "bench": "failover",
-        "what": "SIGKILL of a topic's owner -> first resync (higher epoch) at a client on another node",
-        "setup": "3 node subprocesses on a loopback Consul server, embedded PostgreSQL; a client per node",
-        "kills": len(times),
-        "median_s": round(statistics.median(times), 3),
-        "worst_s": round(max(times), 3),
-        "best_s": round(min(times), 3),
-        "check_ttl_s": float(check_ttl),
-        "lock_delay_s": LOCK_DELAY,
-        "interval_s": interval,
-        "duration_s": round(time.monotonic() - started, 1),
-    }
-
-
-async def _one_failover(cluster: LocalCluster, topic: str) -> float:
-    nodes = cluster.nodes
-    resynced: dict[str, float] = {}
-    base_epoch: dict[str, int] = {}
-    ready = asyncio.Event()
-
-    async def watch(node: NodeProcess) -> None:
-        async with connect(node.ws_url) as client:
-            async for frame in client.subscribe(topic):
-                if frame["type"] in ("snapshot", "resync") and node.name not in base_epoch:
-                    base_epoch[node.name] = frame["epoch"]
-                    if len(base_epoch) == len(nodes):
-                        ready.set()
-                elif frame["type"] == "resync" and frame["epoch"] > base_epoch.get(node.name, 0):
-                    resynced.setdefault(node.name, time.monotonic())
-
-    async def any_resync() -> bool:
-        return bool(resynced)
-
-    tasks = [asyncio.create_task(watch(node)) for node in nodes.values()]
-    try:
-        try:
-            await asyncio.wait_for(ready.wait(), 60)
-        except asyncio.TimeoutError:
-            raise BenchError("not every node's client got a snapshot within 60s") from None
-        owner_name, _epoch = await _wait(lambda: _owner(cluster, topic), what=f"an owner of {topic}")
-        await asyncio.sleep(0.5)  # a settled cluster, like production
-        victim = nodes[owner_name]
-        killed_at = time.monotonic()
-        victim.kill()
-        await _wait(any_resync, what="a resync on a surviving node")
-        elapsed = min(resynced.values()) - killed_at
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    await victim.wait()
-    await victim.start()  # the same node comes back for the next round
-    await victim.wait_ready()
-    return elapsed
-
-
 # -- Consul writes ---------------------------------------------------------------
 
 
 async def bench_consul_writes(*, topics: int = 100, interval: float = 0.1, window: float = 60.0) -> dict[str, Any]:
     """Consul requests one node makes per minute at steady state with ``topics`` subscribed topics."""
     topics = max(1, int(topics))
-    async with LocalCluster(_spec(nodes=1, interval=interval, check_ttl=3.0)) as cluster:
+    async with LocalCluster(cluster_spec(nodes=1, interval=interval, check_ttl=3.0)) as cluster:
         agent = cluster.consul.servers[0]
         node = cluster.nodes["b1"]
         async with IdleClients(node.ws_url) as pool:
             await pool.open([f"items:{i}" for i in range(1, topics + 1)])
             if pool.errors:
                 raise BenchError(f"{len(pool.errors)} clients could not subscribe: {pool.errors[:3]}")
-            await _wait(lambda: _pollers(node, topics), timeout=120, what=f"{topics} running pollers")
+            await wait_for(lambda: _pollers(node, topics), timeout=120, what=f"{topics} running pollers")
             await asyncio.sleep(3.0)  # settle
             progress(f"counting for {window:g}s")
             before_node, before_raft = await _requests(node), await _raft_index(agent)

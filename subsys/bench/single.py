@@ -1,6 +1,6 @@
-"""Single-node benches: commit -> client latency, and memory per idle subscriber.
+"""The single-node bench ``latency``, and the bench table and one-node spec the others share.
 
-Each starts its own :class:`~subsys.testing.cluster.LocalCluster` (an embedded
+It starts its own :class:`~subsys.testing.cluster.LocalCluster` (an embedded
 PostgreSQL and one ``subsys serve`` process on the embedded coordinator),
 measures, and stops it.
 
@@ -9,8 +9,9 @@ measures, and stops it.
   feed polled every ``interval`` seconds. A change waits on average half an
   interval for the next poll, so expect a median of about interval/2 plus
   the feed query's time plus a few milliseconds of WebSocket delivery.
-* ``memory``: the node's RSS with ``clients`` idle subscribed WebSocket
-  clients, against its RSS with none.
+
+``memory``, ``fanout`` and ``dbload`` live in their own modules; they use this
+module's table (``TABLE``, ``FEED``) and :func:`one_node`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from typing import Any, Awaitable
 
 import asyncpg
 
-from subsys.bench.support import BenchError, IdleClients, progress, raise_fd_limit, summarize_ms
+from subsys.bench.support import BenchError, progress, summarize_ms
 from subsys.client.ws import connect
 from subsys.testing.cluster import ClusterSpec, LocalCluster
-from subsys.testing.nodes import NodeProcess
 
-__all__ = ["bench_latency", "bench_memory", "TABLE", "FEED", "schema_sql", "items_feed", "one_node"]
+__all__ = ["bench_latency", "TABLE", "FEED", "schema_sql", "items_feed", "one_node"]
 
 # The table the single-node benches poll: one row per topic parameter.
 TABLE = "bench_items"
@@ -245,68 +245,3 @@ async def _first(task: asyncio.Task, awaitable: Awaitable[Any], *, timeout: floa
             waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
-
-
-# -- memory --------------------------------------------------------------------
-
-
-async def _settled_rss(node: NodeProcess, *, seconds: float = 1.5, samples: int = 4) -> int:
-    """The node's RSS after letting it settle: the last of a few samples."""
-    rss = node.rss()
-    for _ in range(samples):
-        await asyncio.sleep(seconds / samples)
-        rss = node.rss()
-    return rss
-
-
-async def bench_memory(*, clients: int = 1000, interval: float = 0.1, spread: int = 10, **_: Any) -> dict[str, Any]:
-    clients = max(1, int(clients))
-    spread = max(1, min(spread, clients))
-    fd_limit = raise_fd_limit()
-    topics = [f"{FEED}:{i % spread + 1}" for i in range(clients)]
-    mib = 1024 * 1024
-    started = time.monotonic()
-    progress("starting PostgreSQL and the node")
-    async with LocalCluster(one_node(rows=spread, interval=interval, grace=5.0)) as env:
-        node = env.nodes["n1"]
-        rss_baseline = await _settled_rss(node)
-        async with IdleClients(node.ws_url) as pool:
-            # warm: one client per topic, so every poller runs before the bulk is measured
-            await pool.open(topics[:spread])
-            rss_warm = await _settled_rss(node)
-            warm = len(pool.sockets)
-            progress(f"opening {clients - spread} more clients")
-            await pool.open(topics[spread:])
-            rss_full = await _settled_rss(node, seconds=3.0, samples=6)
-            connected = len(pool.sockets)
-            _status, health = await node.health()
-            errors = list(pool.errors)
-        if connected == 0:
-            raise BenchError(f"no client could subscribe: {errors[:3]}\n{node.log_tail()}")
-
-    extra = max(1, connected - warm)
-    return {
-        "bench": "memory",
-        "what": "RSS of the node process with N idle subscribed WebSocket clients",
-        "setup": "1 node subprocess (embedded coordinator), embedded PostgreSQL (pgserver);"
-        " raw aiohttp WebSocket clients in the bench process, each subscribed and past its snapshot",
-        "clients": clients,
-        "connected": connected,
-        "failed": len(errors),
-        "first_error": errors[0] if errors else "",
-        "node_reports_clients": health.get("clients"),
-        "topics": spread,
-        "distribution": f"round-robin over {FEED}:1..{FEED}:{spread}, one row per topic",
-        "rss_baseline_mib": round(rss_baseline / mib, 1),
-        "warm_clients": warm,
-        "rss_warm_mib": round(rss_warm / mib, 1),
-        "rss_mib": round(rss_full / mib, 1),
-        "per_client_kib": round((rss_full - rss_warm) / extra / 1024, 1),
-        "per_client_kib_vs_baseline": round((rss_full - rss_baseline) / connected / 1024, 1),
-        "fd_limit": fd_limit,
-        "interval_ms": round(interval * 1000, 1),
-        "node_exit_code": env.exit_codes.get(node.name),
-        "duration_s": round(time.monotonic() - started, 1),
-    }
-
-

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import resource
 import sys
 from typing import Any, Iterable, Sequence
 
 import aiohttp
+import psutil
 
 
 __all__ = [
@@ -25,7 +27,15 @@ __all__ = [
     "progress",
     "raise_fd_limit",
     "summarize_ms",
+    "summarize_s",
     "percentile",
+    "ratio",
+    "ols_slope",
+    "cpu_seconds",
+    "settled_rss",
+    "module_loaded",
+    "installed",
+    "reconfigure",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,109 @@ def summarize_ms(seconds: Iterable[float]) -> dict[str, Any]:
         "max_ms": round(values[-1], 2),
         "mean_ms": round(sum(values) / len(values), 2),
     }
+
+
+def summarize_s(seconds: Iterable[float]) -> dict[str, Any]:
+    """Distribution of durations in seconds: n, median, p95, p99, max (and min)."""
+    values = sorted(seconds)
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "median_s": round(percentile(values, 50), 3),
+        "p95_s": round(percentile(values, 95), 3),
+        "p99_s": round(percentile(values, 99), 3),
+        "max_s": round(values[-1], 3),
+        "min_s": round(values[0], 3),
+    }
+
+
+def ratio(value: float | None, baseline: float | None, digits: int = 2) -> float | None:
+    """``value / baseline`` (None when either is missing or the baseline is 0)."""
+    if value is None or not baseline:
+        return None
+    return round(value / baseline, digits)
+
+
+def ols_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys over xs: a counter's rate, robust to its jittery flushes."""
+    n = len(xs)
+    if n < 2:
+        raise ValueError("need two points")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+
+
+def cpu_seconds(*pids: int) -> float:
+    """CPU time of these processes, all their threads (a process that is gone counts 0).
+
+    From /proc/PID/task/*/schedstat (nanoseconds on the CPU) where the kernel has it:
+    psutil's user + system time only moves in clock ticks (10 ms), too coarse for
+    one round of a small bench.
+    """
+    total = 0.0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            ns = 0
+            for task in tasks:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as stat:
+                        ns += int(stat.read().split()[0])
+            total += ns / 1e9
+            continue
+        except OSError:
+            pass
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+async def settled_rss(pid: int, *, seconds: float = 1.5, samples: int = 4) -> int:
+    """A process's RSS after letting it settle: the last of a few samples."""
+    process = psutil.Process(pid)
+    rss = process.memory_info().rss
+    for _ in range(samples):
+        await asyncio.sleep(seconds / samples)
+        rss = process.memory_info().rss
+    return rss
+
+
+def module_loaded(pid: int, name: str) -> bool:
+    """Whether a process has a file of ``name`` (e.g. uvloop's extension) mapped: it imported it."""
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            return any(f"/{name}/" in line for line in maps)
+    except OSError:
+        return False
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+async def reconfigure(cluster: Any, **sections: dict[str, Any]) -> None:
+    """Rewrite the cluster's config with these settings and restart every running node on it.
+
+    One harness, several modes in one run: the nodes come back with the same
+    ids and ports, the database (and Consul) stay up.
+    """
+    import dataclasses
+
+    settings = {name: dict(values) for name, values in cluster.spec.settings.items()}
+    for name, values in sections.items():
+        settings.setdefault(name, {}).update(values)
+    cluster.spec = dataclasses.replace(cluster.spec, settings=settings)
+    cluster.write_config()
+    running = cluster.running()
+    await asyncio.gather(*(node.stop() for node in running))
+    for node in running:
+        await node.start()
+    await asyncio.gather(*(node.wait_ready() for node in running))
 
 
 def progress(message: str) -> None:

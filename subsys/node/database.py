@@ -12,6 +12,7 @@ are ``database_unavailable``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -66,13 +67,20 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """The pool's reset step: nothing to undo after a read-only feed query."""
+
+
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
     """Give a connection back; a broken one is terminated, never a reason to fail a poll."""
     try:
         await pool.release(conn)
     except Exception as exc:  # the server went away under us: the pool replaces the connection
         log.debug("releasing a broken connection: %r", exc)
-        conn.terminate()
+        # asyncpg's pool may have terminated it and detached the proxy already; terminate()
+        # on a detached proxy raises InterfaceError, which must not replace the poll's outcome.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            conn.terminate()
 
 
 async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any, *, holder: Any = None) -> Rows:
@@ -115,9 +123,9 @@ class Database:
             max_size=self.config.max_pool,
             server_settings={"application_name": self.application_name},
             init=_init_connection,
-            # Feeds are read-only SELECTs: no session state to reset between polls (asyncpg
-            # would otherwise send a reset query on every release).
-            reset=None,
+            # Feeds are read-only SELECTs: no session state to reset between polls. A no-op (not
+            # None: None means asyncpg's default) spares a reset query on every release.
+            reset=_no_reset,
         )
         try:
             self.pool = await asyncpg.create_pool(self.config.url, min_size=self.config.min_pool, **options)

@@ -98,6 +98,9 @@ def node_env(overrides: Mapping[str, str] | None = None, *, isolate: bool = Fals
         if key not in HARNESS_ENV and not (isolate and key.startswith("SUBSYS_"))
     }
     env["PYTHONUNBUFFERED"] = "1"
+    # `python -m subsys` would put the current directory first on sys.path: started from another
+    # checkout (say, the main worktree) a child would run that checkout's code, not this install's.
+    env["PYTHONSAFEPATH"] = "1"
     env.update(overrides or {})
     return env
 

@@ -51,17 +51,19 @@ def _guarded(handler: Handler) -> Handler:
     return guarded
 
 
-async def own_state(app: web.Application, *, topics: bool) -> dict[str, Any]:
+async def own_state(app: web.Application, *, topics: str, topic: str | None = None) -> dict[str, Any]:
     """This node's facts for the admin API (and its async extras, e.g. its agent's registrations)."""
-    state = local_state(app[NODE], topics=topics)
+    state = local_state(app[NODE], topics=topics, topic=topic)
     for provide in app.get(STATE_EXTRAS, ()):
         state.update(await provide())
     return state
 
 
 async def _state(request: web.Request) -> web.Response:
-    topics = request.query.get("topics", "1") != "0"
-    return web.json_response(await own_state(request.app, topics=topics))
+    topics = request.query.get("topics", "summary")
+    if topics not in ("none", "summary", "full"):
+        return web.json_response({"error": {"code": "bad_request", "message": "topics: none|summary|full"}}, status=400)
+    return web.json_response(await own_state(request.app, topics=topics, topic=request.query.get("topic")))
 
 
 async def _hand_over(request: web.Request) -> web.Response:

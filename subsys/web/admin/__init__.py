@@ -18,6 +18,7 @@ from aiohttp_sse import sse_response
 from subsys.core import admin as api
 from subsys.web.admin.auth import Authenticator, AuthFailure
 from subsys.web.admin.events import EventHub
+from subsys.web.admin.gather import GATHERS, forget
 from subsys.web.admin.metrics import AdminMetrics
 from subsys.web.admin.openapi import openapi_document
 from subsys.web.admin.routes import PRINCIPAL, ROUTES, ApiError
@@ -73,7 +74,10 @@ async def _admin(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD", "OPTIONS") and not principal.can_operate:
         return _error(403, "forbidden", f"{principal.token_id} has the read role; {request.method} needs an operator token")
     try:
-        return await handler(request)
+        response = await handler(request)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            forget(request.app)  # the next answer must show what this call changed
+        return response
     except ApiError as exc:
         return _error(exc.status, exc.code, exc.message, exc.detail)
     except web.HTTPException as exc:
@@ -126,6 +130,7 @@ def setup_admin(app: web.Application) -> None:
     app[METRICS] = AdminMetrics()
     app[EXTRA_COLLECTORS].append(app[METRICS])
     app[ADMIN_PORT] = node.settings.node.admin_port
+    app[GATHERS] = {}
     app.middlewares.append(admin_middleware)
     for method, path, handler, _operator, _summary, _request, _response, _query in ALL_ROUTES:
         app.router.add_route(method, api.API_PREFIX + path, handler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import quote
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,10 @@ from subsys.core import admin as api
 from subsys.web.appkeys import NODE
 from subsys.web.internal import PeerClient, PeerUnavailable, own_state
 
-__all__ = ["Gathered", "gather", "merge_topics", "node_infos", "summary", "topic_detail"]
+__all__ = ["Gathered", "gather", "forget", "merge_topics", "node_infos", "summary", "topic_detail"]
 
 PEER_TIMEOUT = 1.5
+CACHE_SECONDS = 0.75  # several callers within this share one round of peer calls
 
 
 @dataclass
@@ -37,20 +39,46 @@ class Gathered:
         return {"answered_by": self.answered_by, "partial": bool(self.problems), "unavailable": self.problems}
 
 
-async def gather(app: web.Application, *, topics: bool = True, only: str | None = None) -> Gathered:
+GATHERS: web.AppKey[dict] = web.AppKey("subsys_admin_gathers", dict)
+
+
+async def gather(app: web.Application, *, topics: str = "summary", topic: str | None = None,
+                 only: str | None = None, fresh: bool = False) -> Gathered:  # fmt: skip
+    """Every node's own facts (``topics``: none | summary | full; ``topic``: only that one in full).
+
+    Concurrent and recent callers share one round of calls (``CACHE_SECONDS``): the console
+    refreshing at 1 Hz and an operator's CLI must not each make every node list 10,000 topics.
+    ``fresh``: a round of its own (the zombie scan compares two rounds).
+    """
+    cache = app[GATHERS]
+    key = (topics, topic, only)
+    now = time.monotonic()
+    entry = cache.get(key)
+    if not fresh and entry is not None and now - entry[0] < CACHE_SECONDS:
+        return await asyncio.shield(entry[1])
+    future = asyncio.ensure_future(_gather(app, topics=topics, topic=topic, only=only))
+    cache[key] = (now, future)
+    return await asyncio.shield(future)
+
+
+def forget(app: web.Application) -> None:
+    """Drop cached rounds: after an operator acted, the next answer must show the result."""
+    app[GATHERS].clear()
+
+
+async def _gather(app: web.Application, *, topics: str, topic: str | None, only: str | None) -> Gathered:
     node = app[NODE]
     result = Gathered(answered_by=node.node_id)
     view = node.coordinator.view
     peers = {nid: rec.address for nid, rec in view.nodes.items() if nid != node.node_id and (only in (None, nid))}
     if only in (None, node.node_id):
-        result.reports[node.node_id] = await own_state(app, topics=topics)
+        result.reports[node.node_id] = await own_state(app, topics=topics, topic=topic)
     client = PeerClient(app)
+    query = f"/internal/state?topics={topics}" + (f"&topic={quote(topic, safe='')}" if topic else "")
 
     async def ask(nid: str, address: str) -> None:
         try:
-            result.reports[nid] = await client.call(
-                address, "GET", f"/internal/state?topics={int(topics)}", timeout=PEER_TIMEOUT
-            )
+            result.reports[nid] = await client.call(address, "GET", query, timeout=PEER_TIMEOUT)
         except PeerUnavailable as exc:
             result.problems.append(api.PeerProblem(node=nid, reason=str(exc)))
             if exc.refused:
@@ -97,56 +125,63 @@ def _error(value: Any) -> api.TopicError | None:
     return api.TopicError(code=str(value.get("code") or ""), message=str(value.get("message") or ""), at=value.get("at"))
 
 
-def merge_topics(app: web.Application, gathered: Gathered) -> dict[str, api.TopicSummary]:
-    """Every topic the cluster knows of: owned, wanted (presence), or known to some node."""
+def merge_topics(app: web.Application, gathered: Gathered, only: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every topic the cluster knows of (owned, wanted, or known to some node), as plain rows.
+
+    Rows are TopicSummary's fields as a dict: 10,000 of them are built on every listing, and
+    only the page returned becomes a model.
+    """
     node = app[NODE]
     view = node.coordinator.view
     per_node: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> node -> its topic report
     for nid, report in gathered.reports.items():
-        for item in report.get("topic_reports", []):
+        for item in report.get("topic_reports", ()):
             per_node.setdefault(item["topic"], {})[nid] = item
-    names = set(view.owners) | set(view.presence) | set(per_node)
-    merged: dict[str, api.TopicSummary] = {}
+    merged: dict[str, dict[str, Any]] = {}
+    names = set(view.owners) | set(view.presence) | set(per_node) if only is None else {only}
     for name in names:
+        if only is not None and name not in view.owners and name not in view.presence and name not in per_node:
+            continue
         owner = view.owners.get(name)
         reports = per_node.get(name, {})
-        source = reports.get(owner.node_id) if owner is not None else None
+        source = (reports.get(owner.node_id) if owner is not None else None) or {}
         presence: dict[str, int | None] = {}
-        for nid in view.presence.get(name, set()):
+        for nid in view.presence.get(name, ()):
             presence[nid] = None if nid not in gathered.reports else 0
         for nid, item in reports.items():
             if item.get("local_subscribers"):
                 presence[nid] = int(item["local_subscribers"])
-        feed = name.split(":", 1)[0]
         any_report = source or next(iter(reports.values()), None) or {}
         if owner is None:
             state = "unowned"
         else:
-            state = (source or {}).get("state", "starting")
+            state = source.get("state", "starting")
             if state not in ("ok", "error", "starting"):
                 state = "starting"
-        merged[name] = api.TopicSummary(
-            topic=name,
-            feed=any_report.get("feed", feed),
-            owner=owner.node_id if owner else None,
-            epoch=owner.epoch if owner else None,
-            seq=(source or {}).get("seq"),
-            state=state,
-            presence=presence,
-            subscribers=sum(v for v in presence.values() if v),
-            interval=any_report.get("interval"),
-            polls=int((source or {}).get("polls", 0)),
-            failures=int((source or {}).get("poll_failures", 0)),
-            last_poll_ms=(source or {}).get("last_poll_ms"),
-            last_poll_at=(source or {}).get("last_poll_at"),
-            last_change_at=(source or {}).get("last_change_at"),
-            last_error=_error((source or {}).get("last_error")),
-        )
+        error = source.get("last_error")
+        merged[name] = {
+            "topic": name,
+            "feed": any_report.get("feed", name.split(":", 1)[0]),
+            "owner": owner.node_id if owner else None,
+            "epoch": owner.epoch if owner else None,
+            "seq": source.get("seq"),
+            "state": state,
+            "presence": presence,
+            "subscribers": sum(v for v in presence.values() if v),
+            "interval": any_report.get("interval"),
+            "polls": int(source.get("polls", 0)),
+            "failures": int(source.get("poll_failures", 0)),
+            "last_poll_ms": source.get("last_poll_ms"),
+            "last_poll_at": source.get("last_poll_at"),
+            "last_change_at": source.get("last_change_at"),
+            "last_error": {"code": str(error.get("code") or ""), "message": str(error.get("message") or ""),
+                           "at": error.get("at")} if error else None,  # fmt: skip
+        }
     return merged
 
 
 def filter_sort_page(
-    topics: dict[str, api.TopicSummary],
+    topics: dict[str, dict[str, Any]],
     *,
     feed: str | None,
     node: str | None,
@@ -158,23 +193,21 @@ def filter_sort_page(
     offset: int,
     limit: int,
 ) -> tuple[list[api.TopicSummary], int]:
+    needle = text.lower() if text else None
     selected = [
         t for t in topics.values()
-        if (feed is None or t.feed == feed)
-        and (owner is None or t.owner == owner)
-        and (node is None or t.owner == node or node in t.presence)
-        and (state is None or t.state == state)
-        and (not text or text.lower() in t.topic.lower())
+        if (feed is None or t["feed"] == feed)
+        and (owner is None or t["owner"] == owner)
+        and (node is None or t["owner"] == node or node in t["presence"])
+        and (state is None or t["state"] == state)
+        and (needle is None or needle in t["topic"].lower())
     ]  # fmt: skip
-
-    def key(t: api.TopicSummary) -> tuple:
-        value = getattr(t, sort)
-        return (value is None, value if value is not None else 0, t.topic)
-
-    selected.sort(key=key, reverse=descending)
-    if descending:  # keep "no value" last either way
-        selected.sort(key=lambda t: getattr(t, sort) is None)
-    return selected[offset : offset + limit], len(selected)
+    present = [t for t in selected if t[sort] is not None]
+    absent = [t for t in selected if t[sort] is None]  # "no value" stays last either way
+    present.sort(key=lambda t: (t[sort], t["topic"]), reverse=descending)
+    absent.sort(key=lambda t: t["topic"])
+    ordered = present + absent
+    return [api.TopicSummary.model_validate(t) for t in ordered[offset : offset + limit]], len(ordered)
 
 
 def summary(app: web.Application, gathered: Gathered) -> api.ClusterSummary:
@@ -189,9 +222,9 @@ def summary(app: web.Application, gathered: Gathered) -> api.ClusterSummary:
         nodes_ready=sum(1 for i in infos if i.ready),
         nodes_draining=sum(1 for i in infos if i.draining),
         topics=len(topics),
-        owned=sum(1 for t in topics.values() if t.owner),
-        unowned=sum(1 for t in topics.values() if t.owner is None and t.presence),
-        failing=sum(1 for t in topics.values() if t.state == "error"),
+        owned=sum(1 for t in topics.values() if t["owner"]),
+        unowned=sum(1 for t in topics.values() if t["owner"] is None and t["presence"]),
+        failing=sum(1 for t in topics.values() if t["state"] == "error"),
         clients=sum(i.clients for i in infos),
         subscriptions=sum(i.subscriptions for i in infos),
     )
@@ -200,7 +233,7 @@ def summary(app: web.Application, gathered: Gathered) -> api.ClusterSummary:
 def topic_detail(app: web.Application, gathered: Gathered, name: str) -> api.TopicDetail | None:
     node = app[NODE]
     view = node.coordinator.view
-    merged = merge_topics(app, gathered).get(name)
+    merged = merge_topics(app, gathered, only=name).get(name)
     if merged is None:
         return None
     owner = view.owners.get(name)
@@ -223,7 +256,7 @@ def topic_detail(app: web.Application, gathered: Gathered, name: str) -> api.Top
             history.append(api.HistoryEntry(node=nid, **{k: v for k, v in entry.items() if k != "node"}))
     history.sort(key=lambda e: e.at)
     return api.TopicDetail(
-        **merged.model_dump(),
+        **merged,
         **gathered.partial(),
         recent_poll_ms=owner_report.get("recent_poll_ms", []),
         max_poll_ms=owner_report.get("max_poll_ms"),

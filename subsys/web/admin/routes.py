@@ -70,6 +70,7 @@ def _topic_name(request: web.Request) -> str:
 
 
 def audit(principal: Principal, action: str, target: str, result: str, started: float, **extra: Any) -> None:
+    """One audit line per mutating call (logger ``subsys.audit``)."""
     entry = {
         "audit": action, "target": target, "token": principal.token_id, "result": result,
         "duration_ms": round((time.monotonic() - started) * 1000, 1), **extra,
@@ -94,13 +95,13 @@ async def cluster(request: web.Request) -> web.Response:
 
 
 async def nodes(request: web.Request) -> web.Response:
-    gathered = await gather(request.app, topics=False)
+    gathered = await gather(request.app, topics="none")
     return json_model(api.NodeList(**gathered.partial(), nodes=node_infos(request.app, gathered)))
 
 
 async def one_node(request: web.Request) -> web.Response:
     name = request.match_info["node"]
-    gathered = await gather(request.app, topics=False, only=name)
+    gathered = await gather(request.app, topics="none", only=name)
     info = next((i for i in node_infos(request.app, gathered) if i.node == name), None)
     if info is None:
         raise ApiError(404, "unknown_node", f"no node {name!r} in the cluster")
@@ -131,7 +132,7 @@ async def topics(request: web.Request) -> web.Response:
 
 async def one_topic(request: web.Request) -> web.Response:
     name = _topic_name(request)
-    gathered = await gather(request.app)
+    gathered = await gather(request.app, topics="full", topic=name)
     detail = topic_detail(request.app, gathered, name)
     if detail is None:
         raise ApiError(404, "unknown_topic", f"no node has or wants topic {name!r}")

@@ -65,7 +65,7 @@ class ZombieService:
     async def scan(self) -> list[Finding]:
         async with self._lock:
             node = self.app[NODE]
-            gathered = await gather(self.app, topics=True)
+            gathered = await gather(self.app, topics="summary", fresh=True)
             records = await node.coordinator.records()
             findings = detect(ScanInput(
                 records=records, reports=gathered.reports,
