@@ -9,7 +9,10 @@ The node runs as a real ``subsys serve`` process (so its work does not share
 the console's event loop, as in production) with a cheap feed
 (``select $1::int as id``, polled every 60 s); N topics are subscribed over
 4 client connections (``limits`` raised: subscriptions, frame rate, send queue). The console runs
-under Pilot on the topics view; it prints the figures.
+under Pilot on the topics view; it prints the figures, first the API's own timings by query.
+
+A key press under Pilot costs ~60 ms (cursor) and ~100 ms (sort, page) at 200 topics already:
+that is the harness and the rendering, the baseline to compare the 10,000-topic figures with.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ async def test_many_topics_refresh_at_1hz_and_keys_answer_fast(console_db, tmp_p
             for _ in range(5):
                 first = table.keys[0]
                 t0 = time.monotonic()
-                await pilot.press("pagedown")
+                await pilot.press("pagedown" if screen.start + screen.page_size < screen.total else "pageup")
                 await until(pilot, lambda: table.keys and table.keys[0] != first, timeout=120, interval=0.002)
                 pages.append((time.monotonic() - t0) * 1000)
 
@@ -162,8 +165,9 @@ async def test_many_topics_refresh_at_1hz_and_keys_answer_fast(console_db, tmp_p
         print(f"cursor move (local): {p(lags)}")
         print(f"sort reversed (s) -> new first row: {p(sorts)}")
         print(f"next page (pagedown) -> new rows: {p(pages)}")
-        # The data's pace is the API's (GET /topics gathers every topic: seconds at 10,000 on 2 cores);
-        # what the console owns is that refreshes never pile up and keys never wait for them.
+        # The data's pace is the API's (GET /topics: ~70 ms at 10,000 topics, seconds while the node
+        # runs a zombie scan); what the console owns is that refreshes never pile up and keys never
+        # wait for them.
         assert held >= 1, "the view stopped refreshing"
         assert statistics.median(lags) < 100, "keys lag"
     finally:
