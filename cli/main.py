@@ -127,7 +127,7 @@ def bench(
         None, "--batch-size", help="dbload: database.batch_size for the merged-polling phase (100)."
     ),
     kills: Optional[int] = typer.Option(None, help="failover: faults of each kind, per fast_failover mode (20)."),
-    kinds: Optional[str] = typer.Option(None, help="failover: fault kinds, of kill,kill-restart,stop (all)."),
+    kinds: Optional[str] = typer.Option(None, help="failover: fault kinds, of kill,kill-restart,stop,forced (all)."),
     fast_failover: Optional[str] = typer.Option(
         None, "--fast-failover", help="failover: consul.fast_failover both | true | false (both: the ratio)."
     ),

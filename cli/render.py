@@ -330,6 +330,11 @@ _EVIDENCE = {
     "last_poll_ago": ("last poll", "the node's own report"),
     "agent_of": ("agent of", ""),
     "registration": ("registration", "a Consul agent"),
+    "feed": ("feed", "the node's own report"),
+    "topics": ("topics", "the node's own report and the coordinator"),
+    "pid": ("backend pid", "the node's own report"),
+    "age": ("running for", "the node's own report"),
+    "since": ("stuck since", "the node's own report"),
 }
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -353,6 +358,9 @@ def action_text(action: dict[str, Any], full: bool = False) -> str:
         if do == "stop_poller":
             return (f"stop {action['node']}'s poller of {action['topic']} (epoch {action['epoch']}), "
                     "closing its database connection if it hangs")  # fmt: skip
+        if do == "terminate_query":
+            return (f"end {action['node']}'s stuck database call {action['query']} by terminating its "
+                    f"connection (backend pid {action.get('pid')})")  # fmt: skip
         if do == "release":
             return f"make {action['node']} release {action['topic']} (epoch {action['epoch']}): nobody subscribes"
         if do == "deregister":
@@ -365,7 +373,7 @@ def action_text(action: dict[str, Any], full: bool = False) -> str:
 def _action_short(action: dict[str, Any]) -> str:
     do = str(action.get("do"))
     return {"stop_poller": "stop poller", "delete_key": "delete key", "destroy_session": "destroy session",
-            "release": "release", "deregister": "deregister"}.get(do, do)  # fmt: skip
+            "release": "release", "deregister": "deregister", "terminate_query": "terminate query"}.get(do, do)  # fmt: skip
 
 
 def _reap_cell(zombie: api.Zombie) -> Text:
@@ -389,8 +397,7 @@ def evidence_value(name: str, value: Any, full: bool = False) -> str:
     if value is None:
         return "unknown" if name == "db_connections" else "none"
     if name == "pollers" and isinstance(value, list):
-        return "; ".join(f"{p.get('node')} epoch {p.get('epoch')}"
-                         + (" STUCK (did not stop when told)" if p.get("stuck") else "") for p in value)  # fmt: skip
+        return "; ".join(f"{p.get('node')} epoch {p.get('epoch')}" for p in value)
     if name in ("owner_key", "presence_key"):
         return _key_text(value, full)
     if name == "sessions" and isinstance(value, dict):
@@ -411,6 +418,13 @@ def evidence_value(name: str, value: Any, full: bool = False) -> str:
         return f"{value:g}s ago"
     if name == "grace" and isinstance(value, (int, float)):
         return f"{value:g}s"
+    if name == "topics" and isinstance(value, list):
+        return "; ".join(f"{t.get('topic')} epoch {t.get('epoch')}"
+                         + ("" if t.get("held_by_node") else " (no longer owned there)") for t in value) or "none"  # fmt: skip
+    if name == "age" and isinstance(value, (int, float)):
+        return f"{value:g}s"
+    if name == "since" and isinstance(value, (int, float)):
+        return time.strftime("%H:%M:%S", time.localtime(value))
     if name == "registration" and isinstance(value, dict):
         return (f"{value.get('service_id')} of {value.get('node')}"
                 + (f" (incarnation {value['incarnation']})" if value.get("incarnation") else ""))  # fmt: skip

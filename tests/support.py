@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -230,6 +231,18 @@ class RawClient:
     async def close(self) -> None:
         await self.ws.close()
         await self.session.close()
+
+
+SMALL_BUFFER = 4096  # bytes: a socket buffer this small fills after a few frames
+
+
+def small_buffer_socket(addr_info) -> socket.socket:
+    """An aiohttp ``socket_factory``: a client socket whose receive buffer holds little (a stalled reader's)."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family, type_, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+    sock.setblocking(False)
+    return sock
 
 
 def rows_by_key(rows: list[dict[str, Any]], key: str = "id") -> dict[Any, dict[str, Any]]:

@@ -116,6 +116,9 @@ class NodeInfo(_Model):
     session: str | None = Field(None, description="the node's coordinator registration (Consul session)")
     coordinator: dict[str, Any] | None = None
     peer_links: dict[str, Any] | None = None
+    feeds: dict[str, Any] | None = Field(
+        None, description="how the node polls each feed: merged (one statement per batch of topics) or "
+        "per-topic, and why not merged")
     error: str | None = Field(None, description="why the node did not answer, when unreachable")
 
 

@@ -13,19 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import time
-from typing import Any
+import uuid
+from typing import Any, Callable, Sequence
 
 import asyncpg
+from asyncpg.pgproto import pgproto
 
 from subsys.config import DatabaseConfig, Feed
 from subsys.core.diff import Rows, index_rows
 from subsys.core.encoding import encode_row
 from subsys.core.errors import PollError
 
-__all__ = ["Database", "classify_error", "run_feed_query", "limited_sql"]
+__all__ = [
+    "Database", "classify_error", "run_feed_query", "limited_sql", "acquire", "release", "feed_rows", "split_merged",
+    "bucket_merged", "encodes_as_compared", "prepare_merged", "Unmergeable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +74,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
-    """The pool's reset step: nothing to undo after a read-only feed query."""
+    """The pool's reset on release: nothing to send (see Database.open)."""
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+async def acquire(pool: asyncpg.Pool, timeout: float) -> asyncpg.Connection:
+    """A connection within ``timeout``, or a PollError saying the database is unavailable."""
+    try:
+        return await pool.acquire(timeout=timeout)
+    except asyncio.TimeoutError as exc:
+        # No connection in time (server not answering, or the pool exhausted): the query never
+        # ran, so this is not a query_timeout.
+        raise PollError(f"database unavailable: no connection within {timeout:g}s", code="database_unavailable") from exc
+    except Exception as exc:
+        raise classify_error(exc) from exc
+
+
+async def release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
     """Give a connection back; a broken one is terminated, never a reason to fail a poll."""
     try:
         await pool.release(conn)
@@ -83,30 +101,125 @@ async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
             conn.terminate()
 
 
+def feed_rows(records: Sequence[asyncpg.Record], feed: Feed, names: Sequence[str] | None = None) -> Rows:
+    """One topic's result as rows by key, or the PollError a per-topic poll would raise.
+
+    ``names`` (with ``records`` of a merged statement) are the feed's columns, which sit
+    between the parameter's ordinal and the row number: values are taken by position.
+    """
+    if len(records) > feed.max_rows:
+        raise PollError(f"result has more than max_rows={feed.max_rows} rows", code="row_limit_exceeded")
+    if names is None:
+        return index_rows((encode_row(record.items()) for record in records), feed.key)
+    return index_rows((encode_row(zip(names, record[1:-1])) for record in records), feed.key)
+
+
+def bucket_merged(records: Sequence[asyncpg.Record], count: int) -> tuple[list[list[asyncpg.Record]], tuple[str, ...]]:
+    """A merged statement's rows (see subsys.node.merge) by parameter, and the feed's column names."""
+    buckets: list[list[asyncpg.Record]] = [[] for _ in range(count)]
+    for record in records:
+        buckets[record[0] - 1].append(record)
+    for bucket in buckets:
+        # Each topic's rows in the order its query gave them (the row number), whatever the
+        # plan interleaved; already in order in practice, which the sort checks in O(n).
+        bucket.sort(key=_row_number)
+    return buckets, (tuple(records[0].keys())[1:-1] if records else ())
+
+
+def split_merged(records: Sequence[asyncpg.Record], feed: Feed, count: int) -> list[Rows | PollError]:
+    """Each parameter's outcome from a merged statement's rows: what its own query would give."""
+    buckets, names = bucket_merged(records, count)
+    outcomes: list[Rows | PollError] = []
+    for bucket in buckets:
+        try:
+            outcomes.append(feed_rows(bucket, feed, names))
+        except PollError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+# Types whose values encode the same whenever they compare equal (not Decimal: 1.0 == 1.00; not
+# float: 0.0 == -0.0; not json: 1 == 1.0 == True inside; not time: equal instants, other offsets).
+# A column's type cannot change under a prepared statement (PostgreSQL refuses the next run).
+_SAME_ENCODING = frozenset({type(None), bool, int, str, bytes, uuid.UUID, pgproto.UUID, dt.date, dt.datetime})
+
+
+def encodes_as_compared(values: Sequence[Sequence[Any]]) -> bool:
+    """True if rows of these raw values equal to them would also encode the same (see above)."""
+    same = _SAME_ENCODING
+    return all(type(value) in same for row in values for value in row)
+
+
+def _row_number(record: asyncpg.Record) -> int:
+    return record[-1]
+
+
 async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any, *, holder: Any = None) -> Rows:
-    """Run the feed's query for one parameter. ``holder.conn`` is the connection while it runs."""
+    """Run the feed's query for one parameter.
+
+    ``holder.conn`` and ``holder.pid`` are the connection and its server process while the
+    query runs and until the connection is back in the pool (a stuck release included), so
+    reaping can terminate it.
+    """
     timeout = feed.statement_timeout
-    try:
-        conn = await pool.acquire(timeout=timeout)
-    except asyncio.TimeoutError as exc:
-        # No connection in time (server not answering, or the pool exhausted): the query never
-        # ran, so this is not a query_timeout.
-        raise PollError(f"database unavailable: no connection within {timeout:g}s", code="database_unavailable") from exc
-    except Exception as exc:
-        raise classify_error(exc) from exc
+    conn = await acquire(pool, timeout)
     if holder is not None:
-        holder.conn = conn
+        holder.conn, holder.pid = conn, conn.get_server_pid()
     try:
         records = await conn.fetch(limited_sql(feed), param, timeout=timeout)
     except Exception as exc:
         raise classify_error(exc) from exc
     finally:
+        await release(pool, conn)
         if holder is not None:
             holder.conn = None
-        await _release(pool, conn)
-    if len(records) > feed.max_rows:
-        raise PollError(f"result has more than max_rows={feed.max_rows} rows", code="row_limit_exceeded")
-    return index_rows((encode_row(record.items()) for record in records), feed.key)
+    return feed_rows(records, feed)
+
+
+class Unmergeable(Exception):
+    """PostgreSQL refuses a feed's merged statement although it accepts the feed's own query."""
+
+
+async def prepare_merged(pool: asyncpg.Pool, feed: Feed, render: Callable[[str], str]) -> str:
+    """The merged statement of ``feed``, checked by the server; ``render(array type)`` builds it.
+
+    $1's type is the one PostgreSQL infers for the feed's own query (what a per-topic poll
+    binds), so function overloads, operators and index use are the same merged or not.
+    Raises :class:`Unmergeable` (for good: say why, poll per topic) or a PollError (the
+    feed's own query fails, or the database is unavailable: what every topic's poll would say).
+    """
+    timeout = feed.statement_timeout
+    conn = await acquire(pool, timeout)
+    try:
+        try:
+            own = await conn.prepare(limited_sql(feed), timeout=timeout)
+            params = own.get_parameters()
+            if len(params) != 1:
+                raise Unmergeable(f"PostgreSQL sees {len(params)} parameters in the feed's query, not one")
+            array = await conn.fetchval(
+                "SELECT format_type(typarray, NULL) FROM pg_type WHERE oid = $1 AND typarray <> 0",
+                params[0].oid, timeout=timeout,
+            )  # fmt: skip
+        except (Unmergeable, PollError):
+            raise
+        except Exception as exc:
+            raise classify_error(exc) from exc
+        if array is None:
+            raise Unmergeable(f"$1 is of type {params[0].name}, which has no array type")
+        sql = render(array)
+        try:
+            await conn.prepare(sql, timeout=timeout)
+        except asyncpg.PostgresError as exc:
+            # Syntax or semantics (class 42) or a feature (0A): the rewrite is refused as such, e.g.
+            # $1 where PostgreSQL allows no column of an outer query. Anything else is transient.
+            if (exc.sqlstate or "")[:2] in ("42", "0A"):
+                raise Unmergeable(f"PostgreSQL refuses the merged statement: {exc}") from None
+            raise classify_error(exc) from exc
+        except Exception as exc:
+            raise classify_error(exc) from exc
+        return sql
+    finally:
+        await release(pool, conn)
 
 
 class Database:
@@ -123,8 +236,10 @@ class Database:
             max_size=self.config.max_pool,
             server_settings={"application_name": self.application_name},
             init=_init_connection,
-            # Feeds are read-only SELECTs: no session state to reset between polls. A no-op (not
-            # None: None means asyncpg's default) spares a reset query on every release.
+            # Feeds are read-only SELECTs: no session state to reset between polls. asyncpg's
+            # default (reset=None) sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+            # RESET ALL" on every release, one more statement per poll; a custom reset replaces
+            # it (asyncpg still rolls back a transaction left open, which feeds never leave).
             reset=_no_reset,
         )
         try:
@@ -153,7 +268,7 @@ class Database:
                 try:
                     await conn.fetchval("SELECT 1")
                 finally:
-                    await _release(self.pool, conn)
+                    await release(self.pool, conn)
             ok, detail = True, "ok"
         except Exception as exc:
             ok, detail = False, f"{type(exc).__name__}: {exc}"

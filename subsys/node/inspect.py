@@ -70,7 +70,8 @@ def node_report(node: Node) -> dict[str, Any]:
         "failure": node.failure,
         "coordinator": coordinator,
         "pollers": node.running_pollers(),
-        "stuck_pollers": node.stuck_pollers(),
+        "stuck_queries": node.stuck_queries(),
+        "feeds": node.pollers.describe(),  # merged or per-topic polling, and why
         "following": {
             s.topic: s.owner_node for s in streams if node.follower is not None and node.follower.following(s.topic)
         },

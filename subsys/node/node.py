@@ -18,11 +18,11 @@ from typing import Any, Awaitable, Protocol
 
 from subsys.config import Feed, Settings
 from subsys.coordinator.base import Coordinator, OwnerRecord
-from subsys.core.errors import CoordinatorError, FencedError, PollError, TopicError
+from subsys.core.errors import CoordinatorError, FencedError, TopicError
 from subsys.core.topics import convert_param, parse_topic
 from subsys.node import reconcile
-from subsys.node.database import Database, run_feed_query
-from subsys.node.poller import Poller
+from subsys.node.database import Database
+from subsys.node.pollers import PollerSet
 from subsys.node.stream import Receiver, TopicRegistry, TopicStream
 
 __all__ = ["Node", "Follower"]
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _TICK = 0.25
 _ORPHAN_TAKEOVER_DELAY = 1.0
-_STOP_WAIT = 1.0  # a poller that does not stop within this (stuck in the database) is left as a zombie
 
 
 class Follower(Protocol):
@@ -58,21 +57,22 @@ class Node:
         self.failure: str | None = None  # set if the control loops died
         self.started = time.time()
         self._timing = reconcile.Timing(grace=settings.node.grace_period, orphan_delay=_ORPHAN_TAKEOVER_DELAY)
-        self._pollers: dict[str, tuple[Poller, asyncio.Task]] = {}
-        # Pollers whose stop did not complete (a hung database call): zombies until reaped.
-        self._stuck: dict[tuple[str, int], tuple[Poller, asyncio.Task, float]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        # What this node polls, merged per feed or per topic, and its stuck database calls.
+        self.pollers = PollerSet(settings=settings, database=self.database, can_publish=coordinator.can_publish,
+                                 spawn=self.spawn, kick=self.kick)  # fmt: skip
         self._acquire_reasons: dict[str, str] = {}  # an operator's reason for the next acquisition
         self._acquire_retry: dict[str, float] = {}  # topic -> the delay before the next attempt
         self._kick = asyncio.Event()
         # One actor at a time on ownership: a reconcile pass, a handoff, a forced hand-over.
         self._acting = asyncio.Lock()
-        self._tasks: set[asyncio.Task] = set()
         self._supervisor: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
         await self.database.open()
+        await self.pollers.start()  # says how each feed is polled, and why not merged
         await self.coordinator.start()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"node-{self.node_id}")
 
@@ -102,7 +102,7 @@ class Node:
                 target = self.handoff_target(topic)
                 if await self._hand_over(topic, owner.epoch, to=target, reason=why):
                     moved += 1
-            for topic in list(self._pollers):  # anything still polling without a key (fenced, lost)
+            for topic in list(self.pollers.running()):  # anything still polling without a key (fenced, lost)
                 await self._stop_poller(topic, release=False, why=why)
         self.kick()
         return moved
@@ -138,10 +138,9 @@ class Node:
 
     async def _hand_over(self, topic: str, epoch: int, *, to: str | None, reason: str) -> bool:
         stream = self.registry.get(topic)
-        entry = self._pollers.pop(topic, None)
-        if entry is not None:
+        if self.pollers.epoch_of(topic) is not None:
             log.info("handing over topic=%s epoch=%d to %s: %s", topic, epoch, to or "anyone", reason)
-            await self._cancel(topic, entry)
+            await self.pollers.stop(topic)
         try:
             released = await self.coordinator.release(topic, epoch, to=to, reason=reason)
         except CoordinatorError as exc:
@@ -158,7 +157,7 @@ class Node:
 
     async def close(self) -> None:
         self.shutting_down = True
-        if self.coordinator.owned() or self._pollers:
+        if self.coordinator.owned() or self.pollers.running():
             await self.handoff(why="shutdown")
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -275,14 +274,13 @@ class Node:
 
     def facts(self, stream: TopicStream) -> tuple[reconcile.TopicFacts, reconcile.ClusterFacts]:
         topic = stream.topic
-        running = self._pollers.get(topic)
         owner = self.coordinator.view.owners.get(topic)
         holds = self.coordinator.holds(owner)
         present = self.coordinator.view.presence.get(topic, set())
         facts = reconcile.TopicFacts(
             local=bool(stream.local),
             followers=bool(stream.remote),
-            polling_epoch=running[0].epoch if running is not None else None,
+            polling_epoch=self.pollers.epoch_of(topic),
             following=self.follower.following(topic) if self.follower is not None else None,
             presence_written=stream.presence_written,
             empty_since=stream.empty_since,
@@ -385,36 +383,14 @@ class Node:
         except FencedError as exc:
             log.warning("not polling: %s", exc)
             return
-        poller = Poller(
-            stream=stream,
-            epoch=epoch,
-            query=self._run_query,
-            database=self.settings.database,
-            can_publish=self.coordinator.can_publish,
-        )
-        task = self.spawn(poller.run(), name=f"poller {stream.topic}")
-        task.add_done_callback(lambda done, topic=stream.topic: self._poller_done(topic, done))
-        self._pollers[stream.topic] = (poller, task)
-
-    async def _run_query(self, stream: TopicStream, poller: Poller):
-        if self.database.pool is None:
-            raise PollError("database not open", code="database_unavailable")
-        return await run_feed_query(self.database.pool, stream.feed, stream.param, holder=poller)
-
-    def _poller_done(self, topic: str, task: asyncio.Task) -> None:
-        current = self._pollers.get(topic)
-        if current is not None and current[1] is task:
-            del self._pollers[topic]
-            self.kick()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("poller crashed topic=%s", topic, exc_info=task.exception())
+        self.pollers.start_topic(stream, epoch)
 
     async def _stop_poller(self, topic: str, *, release: bool, why: str) -> None:
-        entry = self._pollers.pop(topic, None)
         stream = self.registry.get(topic)
-        if entry is not None:
-            log.info("stopping poller topic=%s epoch=%d: %s", topic, entry[0].epoch, why)
-            await self._cancel(topic, entry)
+        polled = self.pollers.epoch_of(topic)
+        if polled is not None:
+            log.info("stopping poller topic=%s epoch=%d: %s", topic, polled, why)
+            await self.pollers.stop(topic)
         owner = self.coordinator.view.owners.get(topic)
         if release and self.coordinator.holds(owner):
             try:
@@ -424,48 +400,21 @@ class Node:
             else:
                 if released and stream is not None:
                     stream.record("released", node=self.node_id, epoch=owner.epoch, reason=why)
-        elif entry is not None and stream is not None:
-            stream.record("stopped", node=self.node_id, epoch=entry[0].epoch, reason=why)
-
-    async def _cancel(self, topic: str, entry: tuple[Poller, asyncio.Task]) -> None:
-        """Cancel a poller and wait a moment; one that will not stop is kept (and reported) as stuck.
-
-        Waiting longer would let one hung database call block every other topic's reconcile.
-        """
-        poller, task = entry
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=_STOP_WAIT)
-        if not done:
-            log.warning("poller topic=%s epoch=%d did not stop within %.0fs (a hung database call?): "
-                        "kept as a zombie to reap", topic, poller.epoch, _STOP_WAIT)  # fmt: skip
-            key = (topic, poller.epoch)
-            self._stuck[key] = (poller, task, time.time())
-            task.add_done_callback(lambda _t, key=key: self._stuck.pop(key, None))
+        elif polled is not None and stream is not None:
+            stream.record("stopped", node=self.node_id, epoch=polled, reason=why)
 
     async def reap_poller(self, topic: str, epoch: int) -> bool:
         """Stop a poller the zombie scan found, if it still does not hold the key at its epoch."""
         owner = self.coordinator.view.owners.get(topic)
-        active = self._pollers.get(topic)
-        if active is not None and active[0].epoch == epoch:
-            if self.coordinator.holds(owner) and owner is not None and owner.epoch == epoch:
-                return False  # it is the rightful poller (the evidence no longer holds)
-            self._pollers.pop(topic, None)
-            await self._force(topic, active)
-            return True
-        stuck = self._stuck.get((topic, epoch))
-        if stuck is None:
+        if self.pollers.epoch_of(topic) != epoch:
             return False
-        await self._force(topic, stuck[:2])
-        return True
+        if self.coordinator.holds(owner) and owner is not None and owner.epoch == epoch:
+            return False  # it is the rightful poller (the evidence no longer holds)
+        return await self.pollers.force_stop(topic, epoch)
 
-    async def _force(self, topic: str, entry: tuple[Poller, asyncio.Task]) -> None:
-        """Stop a poller even in a hung database call: close its connection under it."""
-        poller, task = entry
-        if poller.conn is not None:
-            poller.conn.terminate()
-        task.cancel()
-        await asyncio.wait({task}, timeout=_STOP_WAIT)
-        log.info("reaped poller topic=%s epoch=%d (stopped: %s)", topic, poller.epoch, task.done())
+    async def reap_query(self, query_id: str) -> bool:
+        """End a stuck database call the zombie scan found (terminates its connection)."""
+        return await self.pollers.reap_query(query_id)
 
     async def release_idle(self, topic: str, epoch: int) -> bool:
         """Release a topic the zombie scan found idle, if it still is: held at ``epoch``, wanted nowhere."""
@@ -477,8 +426,9 @@ class Node:
             return False
         return await self.hand_over(topic, epoch, to=None, reason="reaped: idle owner")
 
-    def stuck_pollers(self) -> list[dict[str, Any]]:
-        return [{"topic": t, "epoch": e, "since": since} for (t, e), (_p, _task, since) in self._stuck.items()]
+    def stuck_queries(self) -> list[dict[str, Any]]:
+        """Database calls that did not end when they should have (zombies until reaped)."""
+        return self.pollers.stuck()
 
     def _drop_followers(self, stream: TopicStream, why: str) -> None:
         if stream.remote:
@@ -490,7 +440,8 @@ class Node:
     # -- reading -----------------------------------------------------------
 
     def running_pollers(self) -> dict[str, int]:
-        return {topic: poller.epoch for topic, (poller, _task) in self._pollers.items()}
+        """Topic -> epoch of every topic this node polls (merged or alone)."""
+        return self.pollers.running()
 
     async def database_health(self) -> tuple[bool, str]:
         return await self.database.health()

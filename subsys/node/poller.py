@@ -20,11 +20,54 @@ from subsys.core.diff import Rows
 from subsys.core.errors import FencedError, PollError
 from subsys.node.stream import TopicStream
 
-__all__ = ["Poller", "QueryRunner"]
+__all__ = ["Poller", "QueryRunner", "deliver", "UNCHANGED"]
 
 log = logging.getLogger(__name__)
 
 QueryRunner = Callable[[TopicStream, "Poller"], Awaitable[Rows]]
+
+
+class _Unchanged:
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+# An outcome: the same rows as the stream published last (known without decoding them).
+UNCHANGED: Any = _Unchanged()
+
+
+def deliver(
+    stream: TopicStream,
+    epoch: int,
+    outcome: Rows | PollError,
+    duration_ms: float,
+    can_publish: Callable[[str, int], bool],
+) -> bool:
+    """Publish one poll's outcome for ``stream`` at ``epoch``; False if fenced (stop polling it).
+
+    Shared by the per-topic poller and the merged one (subsys.node.feedpoller), so a topic's
+    frames are the same whichever polled it.
+    """
+    error = outcome if isinstance(outcome, PollError) else None
+    stream.record_poll(duration_ms, failed=error is not None)
+    if not can_publish(stream.topic, epoch):
+        log.info("poller fenced topic=%s epoch=%d: result discarded", stream.topic, epoch)
+        return False
+    if outcome is UNCHANGED:
+        return epoch >= stream.epoch  # nothing to publish; an older epoch is fenced as publish_rows would
+    try:
+        if error is not None:
+            if stream.state != "error" or (stream.last_error or {}).get("code") != error.code:
+                log.warning("poll failed topic=%s code=%s: %s", stream.topic, error.code, error.message)
+            stream.publish_error(error.code, error.message, epoch=epoch)
+        else:
+            if stream.state == "error":
+                log.info("poll recovered topic=%s", stream.topic)
+            stream.publish_rows(outcome, epoch=epoch)  # type: ignore[arg-type]
+    except FencedError as exc:
+        log.warning("poller fenced by its stream: %s", exc)
+        return False
+    return True
 
 
 class Poller:
@@ -45,6 +88,7 @@ class Poller:
         self._database = database
         self._can_publish = can_publish
         self.conn: Any = None  # the database connection of the query in flight (reaping closes it)
+        self.pid: int | None = None  # its server process (evidence for a stuck query)
 
     async def run(self) -> None:
         stream, feed = self.stream, self.stream.feed
@@ -55,29 +99,14 @@ class Poller:
             while True:
                 started = time.monotonic()
                 try:
-                    rows = await self._query(stream, self)
+                    outcome: Rows | PollError = await self._query(stream, self)
                 except PollError as exc:
-                    error: PollError | None = exc
+                    outcome = exc
                 except Exception as exc:  # a bug, not the database: say so, keep polling
                     log.exception("unexpected poll failure topic=%s", stream.topic)
-                    error = PollError(f"poll failed: {exc!r}", code="poll_failed")
-                else:
-                    error = None
-                stream.record_poll((time.monotonic() - started) * 1000, failed=error is not None)
-                if not self._can_publish(stream.topic, self.epoch):
-                    log.info("poller fenced topic=%s epoch=%d: result discarded", stream.topic, self.epoch)
-                    return
-                try:
-                    if error is not None:
-                        if stream.state != "error" or (stream.last_error or {}).get("code") != error.code:
-                            log.warning("poll failed topic=%s code=%s: %s", stream.topic, error.code, error.message)
-                        stream.publish_error(error.code, error.message, epoch=self.epoch)
-                    else:
-                        if stream.state == "error":
-                            log.info("poll recovered topic=%s", stream.topic)
-                        stream.publish_rows(rows, epoch=self.epoch)
-                except FencedError as exc:
-                    log.warning("poller fenced by its stream: %s", exc)
+                    outcome = PollError(f"poll failed: {exc!r}", code="poll_failed")
+                error = outcome if isinstance(outcome, PollError) else None
+                if not deliver(stream, self.epoch, outcome, (time.monotonic() - started) * 1000, self._can_publish):
                     return
                 if error is not None:
                     await asyncio.sleep(backoff)
@@ -94,4 +123,4 @@ class Poller:
             log.info("poller stopped topic=%s epoch=%d", stream.topic, self.epoch)
 
     def describe(self) -> dict[str, Any]:
-        return {"topic": self.stream.topic, "epoch": self.epoch}
+        return {"topic": self.stream.topic, "epoch": self.epoch, "pid": self.pid}

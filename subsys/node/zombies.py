@@ -26,6 +26,8 @@ __all__ = ["KINDS", "Finding", "ScanInput", "Timing", "detect", "Tracker"]
 KINDS = {
     "orphan_poller": "a poller runs on a node whose session does not hold the topic's key at its epoch",
     "duplicate_poller": "more than one node runs a poller for one topic",
+    "stuck_query": "a node's database call that did not end when it should have (past its statement_timeout, or"
+    " cancelled because its topics stopped, and still running): a hung backend holding a connection",
     "stuck_owner": "an owner key held by a session whose node is gone, restarted, or does not poll the topic",
     "idle_owner": "an owner key held with no presence anywhere beyond the grace period",
     "stale_presence": "a presence entry for a node that is gone or has no such subscribers",
@@ -89,18 +91,17 @@ def _key_summary(fact: KeyFact | None) -> dict[str, Any] | None:
 def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
     records, reports = scan.records, scan.reports
     owner_keys = {f.topic: f for f in records.keys if f.kind == "owner"}
-    node_keys = {f.node: f for f in records.keys if f.kind == "node"}
     presence_keys = [f for f in records.keys if f.kind == "presence"]
     live_session = {nid: s for nid, r in reports.items() if (s := _session_of(r))}
     session_node = {s.id: s.node for s in records.sessions}
     findings: list[Finding] = []
 
     def gone(node: str) -> str | None:
-        """Why ``node``'s process is known to be gone, or None if it is not known to be."""
+        """Why ``node``'s process is known to be gone (its address refuses connections: a death
+        certificate), or None. Absence is no evidence: a node that is starting has a session and
+        a registration before its node key, and a frozen one just times out."""
         if node in scan.refused:
             return f"its address refuses connections ({scan.unreachable.get(node, 'refused')})"
-        if node not in reports and node not in node_keys and node not in scan.unreachable:
-            return "it is not registered in the cluster"
         return None
 
     def dead_holder(holder: str, claimed: str) -> str | None:
@@ -113,36 +114,53 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
             return f"{node}: {why}"
         session = next((s for s in records.sessions if s.id == holder), None)
         if session is not None:
-            failed = [c for c in session.checks if c != "serfHealth" and records.check_status.get(c, "missing") != "passing"]
+            # Critical only: a check the catalog does not show yet may be one just registered.
+            failed = [c for c in session.checks if c != "serfHealth" and records.check_status.get(c) == "critical"]
             if failed:
-                return f"its check {failed[0]} is {records.check_status.get(failed[0], 'missing')}"
+                return f"its check {failed[0]} is critical"
         return None
 
     # -- pollers -----------------------------------------------------------------------
-    running: dict[str, list[tuple[str, int, bool]]] = {}  # topic -> (node, epoch, stuck)
+    running: dict[str, list[tuple[str, int]]] = {}  # topic -> (node, epoch)
     for nid, report in reports.items():
         for topic, epoch in (report.get("pollers") or {}).items():
-            running.setdefault(topic, []).append((nid, int(epoch), False))
-        for item in report.get("stuck_pollers") or []:
-            running.setdefault(item["topic"], []).append((nid, int(item["epoch"]), True))
+            running.setdefault(topic, []).append((nid, int(epoch)))
     for topic, entries in sorted(running.items()):
         key = owner_keys.get(topic)
 
-        def rightful(nid: str, epoch: int, stuck: bool) -> bool:
-            return not stuck and key is not None and key.holder == live_session.get(nid) and key.index == epoch
+        def rightful(nid: str, epoch: int) -> bool:
+            return key is not None and key.holder == live_session.get(nid) and key.index == epoch
 
         strays = [e for e in entries if not rightful(*e)]
         if not strays:
             continue
         evidence = {
-            "pollers": [{"node": n, "epoch": e, "stuck": s} for n, e, s in entries],
+            "pollers": [{"node": n, "epoch": e} for n, e in entries],
             "owner_key": _key_summary(key),
-            "sessions": {n: live_session.get(n) for n, _e, _s in entries},
-            "db_connections": {n: scan.db_connections.get(n) for n, _e, _s in entries},
+            "sessions": {n: live_session.get(n) for n, _e in entries},
+            "db_connections": {n: scan.db_connections.get(n) for n, _e in entries},
         }
-        actions = [{"do": "stop_poller", "node": n, "topic": topic, "epoch": e} for n, e, _s in strays]
+        actions = [{"do": "stop_poller", "node": n, "topic": topic, "epoch": e} for n, e in strays]
         kind = "duplicate_poller" if len(entries) > 1 else "orphan_poller"
-        findings.append(Finding(kind, topic, sorted({n for n, _e, _s in entries}), evidence, actions))
+        findings.append(Finding(kind, topic, sorted({n for n, _e in entries}), evidence, actions))
+
+    # -- stuck database calls ----------------------------------------------------------
+    # One finding per call, not per topic: a merged statement polls many topics, and ending it
+    # (terminating its connection) is one action. Its topics carry on without it on that node.
+    for nid, report in sorted(reports.items()):
+        for item in report.get("stuck_queries") or []:
+            topics = []
+            for topic, epoch in sorted((item.get("topics") or {}).items()):
+                key = owner_keys.get(topic)
+                held = key is not None and key.holder == live_session.get(nid) and key.index == int(epoch)
+                topics.append({"topic": topic, "epoch": int(epoch), "held_by_node": held})
+            evidence = {
+                "node": nid, "feed": item.get("feed"), "topics": topics, "pid": item.get("pid"),
+                "age": item.get("age"), "since": item.get("since"), "why": item.get("why"),
+                "db_connections": scan.db_connections.get(nid),
+            }  # fmt: skip
+            action = {"do": "terminate_query", "node": nid, "query": item["id"], "pid": item.get("pid")}
+            findings.append(Finding("stuck_query", f"{nid}/{item['id']}", [nid], evidence, [action]))
 
     # -- owner keys ----------------------------------------------------------------------
     presence_of: dict[str, set[str]] = {}
@@ -229,15 +247,19 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
             node = reg["node"]
             current = reports.get(node, {}).get("incarnation")
             why = None
+            critical = [c for c, status in (reg.get("checks") or {}).items() if status == "critical"]
             if node in reports and current and reg.get("incarnation") and reg["incarnation"] != current:
                 why = f"registered by incarnation {reg['incarnation']}; {node} runs as {current}"
             elif node not in reports and (reason := gone(node)):
                 why = f"{node}: {reason}"
+            elif node not in reports and critical:
+                why = f"{node} does not answer and its check {critical[0]} is critical"
             if why:
                 findings.append(Finding(
                     "leaked_registration", reg["service_id"], [node],
                     {"agent_of": reporter, "registration": reg, "why": why},
-                    [{"do": "deregister", "node": reporter, "service_id": reg["service_id"]}],
+                    [{"do": "deregister", "node": reporter, "service_id": reg["service_id"],
+                      "incarnation": reg.get("incarnation", "")}],  # fmt: skip
                 ))  # fmt: skip
     return findings
 

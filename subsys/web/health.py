@@ -50,6 +50,7 @@ async def health(request: web.Request) -> web.Response:
         "coordinator": coordinator,
         "topics": len(node.registry),
         "pollers": len(node.running_pollers()),
+        "polling": node.pollers.modes(),  # feed -> merged | per-topic (why: the admin node report)
         "clients": len(node.clients),
     }
     return web.json_response(body, status=200 if ready else 503)

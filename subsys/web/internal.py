@@ -89,10 +89,12 @@ async def _reap(request: web.Request) -> web.Response:
     do = body.get("do")
     if do == "stop_poller":
         done = await node.reap_poller(str(body["topic"]), int(body["epoch"]))
+    elif do == "terminate_query":
+        done = await node.reap_query(str(body["query"]))
     elif do == "release":
         done = await node.release_idle(str(body["topic"]), int(body["epoch"]))
     elif do == "deregister":
-        done = await request.app[REAPER](str(body["service_id"]))
+        done = await request.app[REAPER](str(body["service_id"]), str(body.get("incarnation", "")))
     else:
         return web.json_response({"error": {"code": "bad_request", "message": f"unknown action {do!r}"}}, status=400)
     return web.json_response({"done": done})
@@ -106,7 +108,7 @@ async def _undrain(request: web.Request) -> web.Response:
 
 STATE_EXTRAS: web.AppKey[list] = web.AppKey("subsys_state_extras")
 # Deregisters a leaked registration on this node's agent if it is still dead (set by the zombie service).
-REAPER: web.AppKey[Callable[[str], Awaitable[bool]]] = web.AppKey("subsys_registration_reaper")
+REAPER: web.AppKey[Callable[[str, str], Awaitable[bool]]] = web.AppKey("subsys_registration_reaper")
 
 
 def setup_internal(app: web.Application) -> None:

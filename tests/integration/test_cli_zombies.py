@@ -41,10 +41,10 @@ pytestmark = pytest.mark.timeout(240)
 OPERATOR, READER = "op-token-for-zombie-tests", "read-token-for-zombie-tests"
 SCHEMA = "create table items (id int primary key, grp int not null, v int not null); " \
          "insert into items values (1, 1, 0), (2, 1, 0), (3, 2, 0);"  # fmt: skip
-# A long statement timeout: the hung poll must still be hanging when the failover tells the poller to stop.
+# A long statement timeout: the hung poll must still be hanging when the failover stops the topic's polling.
 FEED = {"sql": "select id, v from items where grp = $1 order by id", "key": ["id"], "param": "int", "interval": 0.1,
         "statement_timeout": 120}  # fmt: skip
-KINDS = {"orphan_poller", "duplicate_poller", "stuck_owner", "idle_owner", "stale_presence", "dead_session",
+KINDS = {"orphan_poller", "duplicate_poller", "stuck_query", "stuck_owner", "idle_owner", "stale_presence", "dead_session",
          "leaked_registration", "released_key"}  # fmt: skip
 
 
@@ -151,16 +151,17 @@ async def test_exit_codes_name_what_went_wrong(zombie_node) -> None:
     assert (await cli("zombies", "--nonsense", url=url)).code == 2  # Typer's usage error
 
 
-# -- a real zombie: a poller stuck in the database -----------------------------------------------
+# -- a real zombie: a database call stuck in a frozen backend ------------------------------------
 
 
 @asynccontextmanager
-async def stuck_poller(node, sub: Subscription) -> AsyncIterator[tuple[int, int]]:
-    """Make the topic's poller hang in the database, force a failover: yields (stuck epoch, new epoch).
+async def stuck_query(node, sub: Subscription) -> AsyncIterator[tuple[int, int, dict]]:
+    """Make the topic's poll hang in the database, force a failover: yields (old epoch, new epoch, the call).
 
-    The backend the poller uses is the one that ran the latest query of the node's pool (asyncpg
+    The backend the poll uses is the one that ran the latest query of the node's pool (asyncpg
     hands out the most recently released connection first, and nothing else queries meanwhile).
-    It is continued (SIGCONT) on the way out, whatever happened.
+    The failover stops the topic's polling at once; what is left is the hung call itself, a
+    stuck query. The backend is continued (SIGCONT) on the way out, whatever happened.
     """
     database_url = node.extra["database_url"]
     before = await _topic(node)
@@ -179,16 +180,20 @@ async def stuck_poller(node, sub: Subscription) -> AsyncIterator[tuple[int, int]
             await asyncio.sleep(1.0)
             return (await _topic(node)).polls == polls
 
-        await eventually(stalled, timeout=20, message=f"the poller hangs on backend {pid}")
-        # The failover cannot stop the hung poller: the node keeps it as stuck and polls at a new epoch.
+        await eventually(stalled, timeout=20, message=f"the poll hangs on backend {pid}")
         moved = await cli("failover", "items:1", "--yes", "--json", url=node.base_url)
         assert moved.code == 0, moved.err
         new_epoch = moved.json["epoch_after"]
         assert moved.json["epoch_before"] == before.epoch and new_epoch > before.epoch
-        assert {"topic": "items:1", "epoch": before.epoch} in [
-            {k: p[k] for k in ("topic", "epoch")} for p in node.node.stuck_pollers()]  # fmt: skip
         await sub.until(lambda f: f["type"] == "resync" and f["epoch"] == new_epoch)
-        yield before.epoch, new_epoch
+        assert node.node.running_pollers() == {"items:1": new_epoch}  # the topic polls on, once
+
+        def the_call() -> dict | None:
+            return next((q for q in node.node.stuck_queries() if q["topics"] == {"items:1": before.epoch}), None)
+
+        call = await eventually(the_call, timeout=20, message="the hung call kept as a stuck query")
+        assert call["pid"] == pid and call["feed"] == "items", call
+        yield before.epoch, new_epoch, call
     finally:
         os.kill(pid, signal.SIGCONT)
 
@@ -198,7 +203,11 @@ async def _listed_zombie(url: str) -> CliResult | None:
     return listed if listed.code == 9 and listed.json["zombies"] else None
 
 
-async def test_a_poller_stuck_in_the_database_is_listed_rehearsed_and_reaped(zombie_node) -> None:
+def _still_stuck(node, call: dict) -> bool:
+    return any(q["id"] == call["id"] for q in node.node.stuck_queries())
+
+
+async def test_a_call_stuck_in_the_database_is_listed_rehearsed_and_reaped(zombie_node) -> None:
     node = zombie_node
     url = node.base_url
     me = node.node_id
@@ -207,36 +216,36 @@ async def test_a_poller_stuck_in_the_database_is_listed_rehearsed_and_reaped(zom
         await sub.next()
 
         # -- round 1: the listing, its filters, a dry run, declined reaps, then `--reap --yes --json`
-        async with stuck_poller(node, sub) as (stuck, epoch):
+        async with stuck_query(node, sub) as (stuck, epoch, call):
             # A finding is confirmed on its second consecutive scan (the API scans twice when it must).
             listed = await eventually(lambda: _listed_zombie(url), timeout=60, interval=0.5,
-                                      message="the stuck poller listed as a zombie")  # fmt: skip
+                                      message="the stuck query listed as a zombie")  # fmt: skip
             [zombie] = listed.json["zombies"]
-            kind = zombie["kind"]
-            assert kind == "duplicate_poller" and zombie["subject"] == "items:1", zombie
-            assert zombie["id"] == f"{kind}:items:1" and zombie["nodes"] == [me] and zombie["auto"] is True
+            kind, subject = zombie["kind"], f"{me}/{call['id']}"
+            assert kind == "stuck_query" and zombie["subject"] == subject, zombie
+            assert zombie["id"] == f"{kind}:{subject}" and zombie["nodes"] == [me] and zombie["auto"] is True
             assert zombie["scans"] >= 2 and zombie["first_seen"] <= time.time()
-            pollers = zombie["evidence"]["pollers"]
-            assert {"node": me, "epoch": stuck, "stuck": True} in pollers, pollers
-            assert {"node": me, "epoch": epoch, "stuck": False} in pollers, pollers
-            assert zombie["evidence"]["owner_key"]["index"] == epoch
-            action = {"do": "stop_poller", "node": me, "topic": "items:1", "epoch": stuck}
+            evidence = zombie["evidence"]
+            assert evidence["topics"] == [{"topic": "items:1", "epoch": stuck, "held_by_node": False}], evidence
+            assert evidence["pid"] == call["pid"] and evidence["feed"] == "items" and evidence["node"] == me
+            action = {"do": "terminate_query", "node": me, "query": call["id"], "pid": call["pid"]}
             assert zombie["actions"] == [action]
+            said = f"end {me}'s stuck database call {call['id']}"
 
             # For people: a row (kind, subject, node, since, the reap), 80 columns; -v adds the evidence.
             shown = await cli("zombies", url=url)
             assert shown.code == 9, shown.err
-            for text in ("KIND", "duplicate_poller", "items:1", me, "ago", "stop poller", "1 zombie"):
+            for text in ("KIND", "stuck_query", me, "ago", "terminate query", "1 zombie"):
                 assert text in shown.out, (text, shown.out)
             assert fits_80(shown), shown.out
             verbose = await cli("zombies", "-v", url=url)
             assert verbose.code == 9 and fits_80(verbose), verbose.out
-            for text in (f"{me} epoch {stuck} STUCK", f"{me} epoch {epoch}", "the nodes' own reports",
-                         f"held by {me} at index {epoch}", "db connections", "more than one node runs a poller",
-                         f"stop {me}'s poller of items:1 (epoch {stuck})", "consecutive scans"):  # fmt: skip
+            for text in (f"items:1 epoch {stuck} (no longer owned there)", "the node's own report",
+                         "backend pid", str(call["pid"]), "db connections", "a hung backend holding a connection",
+                         said, "consecutive scans"):  # fmt: skip
                 assert text in verbose.shown, (text, verbose.out)
 
-            # Filters select it or not; the exit code follows what is listed.
+            # Filters select it or not (a topic: any the call polled); the exit code follows what is listed.
             for args, code in ((["--kind", kind], 9), (["--kind", "orphan_poller"], 0), (["--topic", "items:1"], 9),
                                (["--topic", "items:2"], 0), (["--node", me], 9), (["--node", "no-such-node"], 0),
                                (["--id", zombie["id"]], 9), (["--id", "orphan_poller:items:1"], 0)):  # fmt: skip
@@ -252,19 +261,19 @@ async def test_a_poller_stuck_in_the_database_is_listed_rehearsed_and_reaped(zom
             assert would["id"] == zombie["id"] and would["action"] == action and would["done"] is False
             dry = await cli("zombies", "--dry-run", url=url)
             assert dry.code == 9 and "Dry run, nothing changed. A reap would:" in dry.shown, dry.out
-            assert f"stop {me}'s poller of items:1 (epoch {stuck})" in dry.shown
-            assert any(p["epoch"] == stuck for p in node.node.stuck_pollers())
+            assert said in dry.shown
+            assert _still_stuck(node, call)
 
             # No --yes and no terminal: refused at once, naming the action; a person's "n": nothing done.
             piped = await cli("zombies", "--reap", "--json", url=url, stdin=b"y\n")
             assert piped.code == 8 and piped.json["error"]["code"] == "aborted", piped.out
-            assert f"stop {me}'s poller of items:1 (epoch {stuck})" in piped.said and "Nothing done" in piped.said
+            assert said in piped.said and "Nothing done" in piped.said
             declined = await with_pty("zombies", "--reap", answer=b"n\n", url=url)
             assert declined.code == 8, declined.err
             assert "Reap 1 zombie" in declined.said and "Continue? [y/N]" in declined.said, declined.err
-            assert f"duplicate_poller items:1: stop {me}'s poller of items:1 (epoch {stuck})" in declined.said
+            assert f"stuck_query {subject}: {said}" in declined.said
             assert "aborted: nothing done." in declined.said
-            assert any(p["epoch"] == stuck for p in node.node.stuck_pollers())
+            assert _still_stuck(node, call)
 
             reaped = await cli("zombies", "--reap", "--yes", "--json", url=url)
             assert reaped.code == 0, reaped.err
@@ -273,21 +282,21 @@ async def test_a_poller_stuck_in_the_database_is_listed_rehearsed_and_reaped(zom
             [outcome] = result["outcomes"]
             assert outcome["id"] == zombie["id"] and outcome["action"] == action and outcome["done"] is True
             assert "Continue?" not in reaped.err
-            assert not any(p["epoch"] == stuck for p in node.node.stuck_pollers())
+            await eventually(lambda: not _still_stuck(node, call), message="the stuck query gone")
             after = await cli("zombies", "--json", url=url)
             assert after.code == 0 and after.json["zombies"] == [], after.out
 
         # -- round 2: the same again, reaped by a person who agrees: the table, the question, the summary
-        async with stuck_poller(node, sub) as (stuck, epoch):
+        async with stuck_query(node, sub) as (stuck, epoch, call):
             await eventually(lambda: _listed_zombie(url), timeout=60, interval=0.5,
-                             message="the second stuck poller listed as a zombie")  # fmt: skip
+                             message="the second stuck query listed as a zombie")  # fmt: skip
             agreed = await with_pty("zombies", "--reap", answer=b"y\n", url=url)
             assert agreed.code == 0, agreed.err
-            assert "duplicate_poller" in agreed.out and "Continue? [y/N]" in agreed.said
-            assert f"✓ duplicate_poller items:1: stop {me}'s poller of items:1 (epoch {stuck})" in agreed.shown
+            assert "stuck_query" in agreed.out and "Continue? [y/N]" in agreed.said
+            assert f"✓ stuck_query {me}/{call['id']}: end {me}'s stuck database call" in agreed.shown
             assert "Reaped 1 of 1 zombie: 1 action done, 0 failed, 0 not needed any more." in agreed.shown
             assert fits_80(agreed), agreed.out
-            assert not node.node.stuck_pollers()
+            await eventually(lambda: not _still_stuck(node, call), message="the second stuck query gone")
             assert (await cli("zombies", url=url)).code == 0
 
         # The topic serves on at its latest epoch.

@@ -25,7 +25,7 @@ import pytest
 from subsys.client.ws import TopicView, connect
 from subsys.web.ws import CLOSE_SLOW_CONSUMER
 
-from support import Subscription, db_execute, db_fetch, eventually
+from support import SMALL_BUFFER, Subscription, db_execute, db_fetch, eventually, small_buffer_socket
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,15 +39,6 @@ INSERT INTO big SELECT g, 1, 0, repeat(md5(g::text), 512) FROM generate_series(1
 WRITE = "UPDATE big SET rev = $1, payload = repeat(md5(random()::text), 512) WHERE grp = 1"
 FEED = {"sql": "SELECT id, rev, payload FROM big WHERE grp = $1", "key": "id", "param": "int", "interval": 0.05}
 WRITES = 30
-SMALL_BUFFER = 4096
-
-
-def _small_buffer_socket(addr_info) -> socket.socket:
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family, type_, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-    sock.setblocking(False)
-    return sock
 
 
 class StalledClient:
@@ -60,7 +51,7 @@ class StalledClient:
 
     @classmethod
     async def open(cls, url: str, topic: str) -> "StalledClient":
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=_small_buffer_socket))
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_buffer_socket))
         ws = await session.ws_connect(url, max_msg_size=64 * 1024 * 1024, heartbeat=None, autoping=True)
         client = cls(session, ws)
         await ws.send_str(json.dumps({"type": "subscribe", "topic": topic}))

@@ -19,11 +19,10 @@ import subsys.web.app as subsys_app
 import subsys.web.ws as subsys_ws
 from subsys.web.ws import CLOSE_SLOW_CONSUMER
 
-from support import RawClient, db_execute, eventually
+from support import SMALL_BUFFER, RawClient, db_execute, eventually, small_buffer_socket
 
 pytestmark = pytest.mark.timeout(120)
 
-SMALL_BUFFER = 4096
 SCHEMA = """
 CREATE TABLE big (id int PRIMARY KEY, grp int NOT NULL, rev int NOT NULL, payload text NOT NULL);
 INSERT INTO big SELECT g, 1, 0, repeat(md5(g::text), 512) FROM generate_series(1, 8) AS g;
@@ -39,14 +38,6 @@ FEEDS = {
 RATE = {"messages_per_second": 1000.0, "message_burst": 1000}
 
 
-def _small_buffer_socket(addr_info) -> socket.socket:
-    family, type_, proto, _, _ = addr_info
-    sock = socket.socket(family, type_, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
-    sock.setblocking(False)
-    return sock
-
-
 class Stalled:
     """A client that subscribes, reads up to the snapshot, then reads nothing until told to."""
 
@@ -58,7 +49,7 @@ class Stalled:
     @classmethod
     async def open(cls, node, topic: str = "big:1") -> "Stalled":
         before = set(node.connections)
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=_small_buffer_socket))
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_buffer_socket))
         # autoping off: a stalled client answers no ping (and pongs would fail once the node closed).
         ws = await session.ws_connect(node.ws_url, max_msg_size=0, autoping=False)
         (conn,) = await eventually(lambda: set(node.connections) - before, message="server side of the stalled client")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,14 @@ RUNTIME = ("core", "node", "coordinator", "web")
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
+    # From a copy without build/ and *.egg-info: setuptools would ship a stale build/lib's files.
+    source = tmp_path_factory.mktemp("source") / "subsys"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "node_modules"))  # fmt: skip
     target = tmp_path_factory.mktemp("installed")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-         str(target), str(REPO)],
+         str(target), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     return target
@@ -40,6 +45,24 @@ def test_installed_layout_has_no_generic_top_level_packages(installed: Path) -> 
     assert (installed / "subsys" / "cli" / "main.py").is_file()
     assert (installed / "subsys" / "console" / "__init__.py").is_file()
     assert (installed / "subsys" / "_consul" / "install.sh").is_file(), "consul/ ships as package data"
+
+
+def test_the_installed_package_has_every_source_file(installed: Path) -> None:
+    """What a plain (non-editable) install ships: every module and style sheet, and its entry points import."""
+    homes = {"subsys": REPO / "subsys", "subsys/cli": REPO / "cli", "subsys/console": REPO / "console"}
+    missing = []
+    for home, source in homes.items():
+        for path in [*source.rglob("*.py"), *source.rglob("*.tcss")]:
+            relative = path.relative_to(source)
+            if home == "subsys" and relative.parts[0] in ("cli", "console"):
+                continue  # not in the repository's subsys/
+            if not (installed / home / relative).is_file():
+                missing.append(f"{home}/{relative}")
+    assert not missing, f"not installed: {missing}"
+    entry_points = "import subsys.web.app, subsys.cli.main, subsys.console.app, subsys.bench, subsys.chaos, subsys.dev"
+    result = subprocess.run([sys.executable, "-c", entry_points], cwd=installed, env={**os.environ, "PYTHONPATH": str(installed)},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
 
 
 def test_import_contracts_hold(installed: Path) -> None:

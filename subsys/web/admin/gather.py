@@ -114,7 +114,7 @@ def node_infos(app: web.Application, gathered: Gathered) -> list[api.NodeInfo]:
             owned=len(report.get("owned", [])), followed=len(report.get("following", {})),
             pollers=len(report.get("pollers", {})), clients=int(report.get("clients", 0)),
             subscriptions=int(report.get("subscriptions", 0)), session=coordinator.get("session"),
-            coordinator=coordinator, peer_links=report.get("peer_links"),
+            coordinator=coordinator, peer_links=report.get("peer_links"), feeds=report.get("feeds"),
         ))  # fmt: skip
     return infos
 

@@ -10,7 +10,8 @@ on its own (``node.zombie_reap``); any node scans on demand for the API.
 Reaping is fenced like everything else: every action re-checks its evidence
 at the moment of acting (a key is deleted only at the index that was judged,
 a session destroyed only if it is still dead, a poller stopped only if its
-node still does not hold the key at its epoch).
+node still does not hold the key at its epoch, a query's connection terminated
+only if that query is still stuck).
 """
 
 from __future__ import annotations
@@ -164,10 +165,12 @@ class ZombieService:
         if target == node.node_id:
             if do == "stop_poller":
                 done = await node.reap_poller(action["topic"], int(action["epoch"]))
+            elif do == "terminate_query":
+                done = await node.reap_query(action["query"])
             elif do == "release":
                 done = await node.release_idle(action["topic"], int(action["epoch"]))
             else:
-                done = await self.deregister(action["service_id"])
+                done = await self.deregister(action["service_id"], action.get("incarnation", ""))
         else:
             record = coordinator.view.nodes.get(target)
             if record is None:
@@ -179,14 +182,31 @@ class ZombieService:
             done = bool(answer.get("done"))
         return done, (_describe(action) if done else "the evidence no longer holds: nothing done")
 
-    async def deregister(self, service_id: str) -> bool:
-        """Deregister a leaked registration from this node's agent if its process is still gone."""
+    async def deregister(self, service_id: str, incarnation: str = "") -> bool:
+        """Deregister a leaked registration from this node's agent if it is still the one judged
+        (same incarnation: a restarted process re-registers under the same service id) and its
+        process is still gone (another incarnation is live, its check is critical, or its address
+        refuses connections now)."""
         node = self.app[NODE]
         view = node.coordinator.view
 
+        async def dead_address(name: str) -> bool:
+            record = view.nodes.get(name)
+            return record is not None and await refuses(record.address)
+
+        registrations = {r.service_id: r for r in await node.coordinator.local_registrations()}
+        judged = registrations.get(service_id)
+        if judged is None or (incarnation and judged.incarnation != incarnation):
+            return False
+        refused = await dead_address(judged.node)
+
         def still_dead(reg: Any) -> bool:
+            if incarnation and reg.incarnation != incarnation:
+                return False
             current = view.nodes.get(reg.node)
-            return current is None or (bool(reg.incarnation) and current.incarnation != reg.incarnation)
+            if current is not None and reg.incarnation and current.incarnation != reg.incarnation:
+                return True
+            return refused or any(status == "critical" for status in reg.checks.values())
 
         return await node.coordinator.deregister_if(service_id, still_dead=still_dead)
 
@@ -234,12 +254,21 @@ def _describe(action: dict[str, Any]) -> str:
         return f"stop {action['node']}'s poller of {action['topic']} (epoch {action['epoch']})"
     if do == "release":
         return f"make {action['node']} release {action['topic']} (epoch {action['epoch']})"
+    if do == "terminate_query":
+        return f"terminate the connection of {action['node']}'s stuck query {action['query']} (backend pid {action.get('pid')})"
     return f"deregister {action['service_id']} from {action['node']}'s agent"
+
+
+def _topics_of(finding: Finding) -> set[str]:
+    """The topics a finding is about: its subject's, or a stuck query's (a merged call polls many)."""
+    if finding.kind == "stuck_query":
+        return {t["topic"] for t in finding.evidence.get("topics") or []}
+    return {finding.subject.split("@")[0]}
 
 
 def _matches(finding: Finding, *, kind: str | None, topic: str | None, node: str | None) -> bool:
     return ((kind is None or finding.kind == kind)
-            and (topic is None or finding.subject.split("@")[0] == topic)
+            and (topic is None or topic in _topics_of(finding))
             and (node is None or node in finding.nodes))  # fmt: skip
 
 
