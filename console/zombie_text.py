@@ -29,7 +29,7 @@ SOURCES = {
     "presence_key": ("presence key", "the coordinator"),
     "sessions": ("sessions", "the nodes' own reports"),
     "session": ("session", "the coordinator"),
-    "node": ("node", "the coordinator"),
+    "node": ("node", ""),  # the coordinator (a session's) or the node's own report (a stuck call's)
     "holds": ("keys held", "the coordinator"),
     "checks": ("checks", "Consul"),
     "db_connections": ("db connections", "PostgreSQL's pg_stat_activity"),
@@ -40,14 +40,19 @@ SOURCES = {
     "last_poll_ago": ("last poll", "the node's own report"),
     "agent_of": ("agent of", ""),
     "registration": ("registration", "a Consul agent"),
+    "feed": ("feed", "the node's own report"),
+    "topics": ("topics it polled", "the node's own report and the coordinator"),
+    "pid": ("backend pid", "the node's own report"),
+    "age": ("running for", "the node's own report"),
+    "since": ("stuck since", "the node's own report"),
 }
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def short_id(value: Any, fmt: Formatter) -> str:
-    """A Consul session id (a UUID) shortened ("3fa2b1c4…"); anything else (a node, a topic) as it is."""
+    """A Consul session id (a UUID) shortened ("3fa2b1c4…"); anything else (a node, a topic, a call) as it is."""
     text = str(value)
-    return fmt.ident(text) if _UUID.match(text) else text
+    return fmt.ident(text) if _UUID.match(text) else fmt.text(text)
 
 
 def _holder(holder: Any, fmt: Formatter) -> str:
@@ -77,6 +82,9 @@ def action_text(action: dict[str, Any], fmt: Formatter) -> str:
         if do == "stop_poller":
             return (f"stop {action['node']}'s poller of {action['topic']} (epoch {fmt.epoch(action['epoch'])}), "
                     "closing its database connection if it hangs")  # fmt: skip
+        if do == "terminate_query":
+            return (f"end {action['node']}'s stuck database call {fmt.text(str(action['query']))} by terminating "
+                    f"its connection (backend pid {fmt.pid(action.get('pid'))})")  # fmt: skip
         if do == "release":
             return f"make {action['node']} release {action['topic']} (epoch {fmt.epoch(action['epoch'])}): nobody subscribes"
         if do == "deregister":
@@ -91,8 +99,16 @@ def _values(name: str, value: Any, fmt: Formatter) -> list[str]:
     if value is None:
         return ["unknown" if name == "db_connections" else "none"]
     if name == "pollers" and isinstance(value, list):
-        return [f"{p.get('node')} polls at epoch {fmt.epoch(p.get('epoch'))}"
-                + ("  STUCK: did not stop when told" if p.get("stuck") else "") for p in value]  # fmt: skip
+        return [f"{p.get('node')} polls at epoch {fmt.epoch(p.get('epoch'))}" for p in value]
+    if name == "topics" and isinstance(value, list):
+        return [f"{t.get('topic')} at epoch {fmt.epoch(t.get('epoch'))}"
+                + ("" if t.get("held_by_node") else " (no longer owned there)") for t in value] or ["none"]  # fmt: skip
+    if name == "pid":
+        return [fmt.pid(value)]
+    if name == "age" and isinstance(value, (int, float)):
+        return [fmt.age(float(value))]
+    if name == "since" and isinstance(value, (int, float)):
+        return [fmt.ago(float(value))]
     if name in ("owner_key", "presence_key"):
         return [_key(value, fmt)]
     if name == "sessions" and isinstance(value, dict):
@@ -158,7 +174,7 @@ def evidence_lines(zombie: api.Zombie, listing: api.ZombieList, fmt: Formatter) 
         out.append(f" {label}", style="bold")
         out.append(f"  {source}\n" if source else "\n", style="dim")
         for line in _values(name, value, fmt):
-            out.append(f"   {line}\n", style="bold yellow" if "STUCK" in line else "")
+            out.append(f"   {line}\n", style="bold yellow" if line.endswith("(no longer owned there)") else "")
     out.append("\na reap will\n", style="bold underline")
     for action in zombie.actions:
         out.append(f" • {action_text(action, fmt)}\n")

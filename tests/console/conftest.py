@@ -4,12 +4,12 @@
 snapshots) with a small ``items`` feed; the tests run the Textual app in this
 event loop (the node's), and ``until`` waits on what the screen shows.
 
-``zombie_node`` is the same node without the janitor, and ``stuck_poller``
+``zombie_node`` is the same node without the janitor, and ``stuck_query``
 makes a real zombie on it (the CLI's tests found the way): the PostgreSQL
-backend serving the topic's poller is stopped (SIGSTOP), so the poll hangs;
-a forced failover then cannot stop that poller, the node keeps it as stuck
-next to the new epoch's, and a scan reports a ``duplicate_poller``. The
-backend is continued (SIGCONT) whatever happens.
+backend serving the topic's poll is stopped (SIGSTOP), so the poll hangs;
+a forced failover then stops the topic's polling, the hung call cannot end,
+the node keeps it as a stuck query, and a scan reports a ``stuck_query``.
+The backend is continued (SIGCONT) whatever happens.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ async def zombie_node(start_node, console_db):
 
 
 @asynccontextmanager
-async def stuck_poller(node, sub: Subscription, topic: str = "items:1") -> AsyncIterator[tuple[int, int]]:
-    """Hang ``topic``'s poller in the database and force a failover: yields (stuck epoch, new epoch).
+async def stuck_query(node, sub: Subscription, topic: str = "items:1") -> AsyncIterator[tuple[int, int, dict]]:
+    """Hang ``topic``'s poll in the database and force a failover: yields (old epoch, new epoch, the call).
 
     Nothing else may use the node's pool meanwhile (a zombie scan does: keep the console off the
     zombies view): the backend stopped is the one that ran the latest query, which the pool
@@ -86,14 +86,23 @@ async def stuck_poller(node, sub: Subscription, topic: str = "items:1") -> Async
                 await asyncio.sleep(1.0)
                 return (await admin.topic(topic)).polls == polls
 
-            await eventually(stalled, timeout=20, message=f"the poller hangs on backend {pid}")
+            await eventually(stalled, timeout=20, message=f"the poll hangs on backend {pid}")
             moved = await admin.failover(topic)
             assert moved.epoch_before == before.epoch and moved.epoch_after > before.epoch
-            assert any(p["epoch"] == before.epoch for p in node.node.stuck_pollers()), node.node.stuck_pollers()
             await sub.until(lambda f: f["type"] == "resync" and f["epoch"] == moved.epoch_after)
-            yield before.epoch, moved.epoch_after
+
+            def the_call() -> dict | None:
+                return next((q for q in node.node.stuck_queries() if q["topics"] == {topic: before.epoch}), None)
+
+            call = await eventually(the_call, timeout=20, message="the hung call kept as a stuck query")
+            assert call["pid"] == pid, call
+            yield before.epoch, moved.epoch_after, call
         finally:
             os.kill(pid, signal.SIGCONT)
+
+
+def still_stuck(node, call: dict) -> bool:
+    return any(q["id"] == call["id"] for q in node.node.stuck_queries())
 
 
 async def until(pilot, predicate: Callable[[], Any], timeout: float = 20.0, message: str = "", interval: float = 0.05) -> Any:

@@ -1,6 +1,6 @@
 """The zombies screen: a real zombie on a live node, listed with its evidence and reaped through the modal.
 
-The live zombie is a poller stuck in a hung database call (``stuck_poller``
+The live zombie is a database call stuck in a frozen backend (``stuck_query``
 in conftest.py). What one live node cannot produce (several zombies of other
 kinds, a failed action, a zombie healed before its turn) is played by a
 backend that answers like the API (``ScriptedBackend``), through the same
@@ -24,8 +24,8 @@ from subsys.console.widgets.table import InPlaceTable
 from subsys.core import admin as api
 from subsys.node.zombies import KINDS
 
-from conftest import OPERATOR, READER, SIZE, stuck_poller, text_of, until
-from support import Subscription
+from conftest import OPERATOR, READER, SIZE, still_stuck, stuck_query, text_of, until
+from support import Subscription, eventually
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -51,7 +51,7 @@ async def open_zombies(pilot, app: ConsoleApp) -> ZombiesScreen:
 # -- a real zombie -----------------------------------------------------------------------------------
 
 
-async def test_a_stuck_poller_is_listed_with_its_evidence_and_reaped_through_the_modal(zombie_node) -> None:
+async def test_a_stuck_query_is_listed_with_its_evidence_and_reaped_through_the_modal(zombie_node) -> None:
     node = zombie_node
     async with connect(node.ws_url) as client:
         sub = Subscription(client, "items:1")
@@ -68,20 +68,24 @@ async def test_a_stuck_poller_is_listed_with_its_evidence_and_reaped_through_the
 
             await pilot.press("1")  # no scan while the zombie is made: a scan uses the node's pool too
             await pilot.pause(1.0)
-            async with stuck_poller(node, sub) as (stuck, epoch):
+            async with stuck_query(node, sub) as (stuck, epoch, call):
+                subject = f"node-1/{call['id']}"
+                zombie_id = f"stuck_query:{subject}"
+                said = (f"end node-1's stuck database call {call['id']} by terminating its connection "
+                        f"(backend pid {call['pid']})")  # fmt: skip
                 await pilot.press("4")
                 await until(pilot, lambda: len(zombie_rows(app)) == 1, timeout=60, interval=0.2,
-                            message="the stuck poller listed (a finding is confirmed on its second scan)")  # fmt: skip
-                mark, kind, subject, nodes, since, scans, janitor = zombie_rows(app)[0]
-                assert (mark, kind, subject, nodes, janitor) == (" ", "duplicate_poller", "items:1", "node-1", "no: off")
+                            message="the stuck query listed (a finding is confirmed on its second scan)")  # fmt: skip
+                mark, kind, shown_subject, nodes, since, scans, janitor = zombie_rows(app)[0]
+                assert (mark, kind, shown_subject, nodes, janitor) == (" ", "stuck_query", subject, "node-1", "no: off")
                 assert since.endswith("ago") and int(scans) >= 2, (since, scans)
                 shown = evidence(app)
-                for text in (KINDS["duplicate_poller"], "pollers  the nodes' own reports",
-                             f"node-1 polls at epoch {stuck}  STUCK: did not stop when told",
-                             f"node-1 polls at epoch {epoch}\n", "owner key  the coordinator",
-                             f"held by node-1 (index {epoch})", "db connections  PostgreSQL's pg_stat_activity",
-                             f"stop node-1's poller of items:1 (epoch {stuck}), closing its database connection",
-                             "consecutive scans", "auto-reap is off: reap it here"):  # fmt: skip
+                for text in ("a hung backend holding a connection", "why  cancelled (its topics stopped) and still running",
+                             "topics it polled  the node's own report and the coordinator",
+                             f"items:1 at epoch {stuck} (no longer owned there)", "feed  the node's own report\n   items",
+                             f"backend pid  the node's own report\n   {call['pid']}", "running for", "stuck since",
+                             "db connections  PostgreSQL's pg_stat_activity", said, "consecutive scans",
+                             "auto-reap is off: reap it here"):  # fmt: skip
                     assert text in shown, (text, shown)
 
                 # A dry run says what a reap would do and changes nothing.
@@ -89,37 +93,36 @@ async def test_a_stuck_poller_is_listed_with_its_evidence_and_reaped_through_the
                 modal = await until(pilot, lambda: isinstance(app.screen, ActionModal) and app.screen)
                 await until(pilot, lambda: modal.state == "done", message=f"dry run answered ({modal.outcome})")
                 assert modal.outcome.plain.startswith("Dry run, nothing changed. A reap would:"), modal.outcome.plain
-                assert f"stop node-1's poller of items:1 (epoch {stuck})" in modal.outcome.plain
+                assert said in modal.outcome.plain
                 await pilot.press("escape")
                 await until(pilot, lambda: isinstance(app.screen, ZombiesScreen))
-                assert any(p["epoch"] == stuck for p in node.node.stuck_pollers())
+                assert still_stuck(node, call)
 
                 # The marked row is the one reaped; the modal names the action; "n" does nothing.
                 await pilot.press("space")
-                await until(pilot, lambda: zombie_rows(app)[0][0] == "●" and screen.marked == {"duplicate_poller:items:1"})
+                await until(pilot, lambda: zombie_rows(app)[0][0] == "●" and screen.marked == {zombie_id})
                 await pilot.press("x")
                 modal = await until(pilot, lambda: isinstance(app.screen, ActionModal) and app.screen)
                 what = text_of(modal.query_one("#dialog-what"))
                 assert modal.title_text == "Reap 1 zombie", modal.title_text
                 assert what.startswith("Each action is carried out only if its evidence still holds"), what
-                assert (f"duplicate_poller items:1: stop node-1's poller of items:1 (epoch {stuck}), "
-                        "closing its database connection if it hangs") in what, what  # fmt: skip
+                assert f"stuck_query {subject}: {said}" in what, what
                 await pilot.press("n")
                 await until(pilot, lambda: isinstance(app.screen, ZombiesScreen))
-                assert any(p["epoch"] == stuck for p in node.node.stuck_pollers()), "cancelled: nothing done"
+                assert still_stuck(node, call), "cancelled: nothing done"
 
                 await pilot.press("x")
                 modal = await until(pilot, lambda: isinstance(app.screen, ActionModal) and app.screen)
                 await pilot.press("y")
                 await until(pilot, lambda: modal.state == "done", timeout=60, message=f"reaped ({modal.outcome})")
                 outcome = modal.outcome.plain
-                assert f"✓ done duplicate_poller items:1: stop node-1's poller of items:1 (epoch {stuck})" in outcome
+                assert f"✓ done stuck_query {subject}: {said}" in outcome, outcome
                 assert outcome.endswith("Reaped 1 of 1 zombie: 1 action done, 0 failed, 0 not needed any more."), outcome
-                assert not node.node.stuck_pollers()
+                await eventually(lambda: not still_stuck(node, call), message="the stuck query gone")
                 await pilot.press("escape")
                 await until(pilot, lambda: isinstance(app.screen, ZombiesScreen))
                 await until(pilot, lambda: zombie_rows(app) == [] and not screen.marked, message="the row goes")
-                await until(pilot, lambda: "reaped so far by node-1 1 duplicate_poller" in
+                await until(pilot, lambda: "reaped so far by node-1 1 stuck_query" in
                             text_of(screen.query_one("#zsummary")), message="counted")  # fmt: skip
         async with AdminClient(node.base_url, token=OPERATOR) as admin:
             assert (await admin.zombies()).zombies == []
@@ -134,13 +137,13 @@ async def test_a_read_only_console_shows_the_zombie_and_offers_no_reap(zombie_no
     async with connect(node.ws_url) as client:
         sub = Subscription(client, "items:1")
         await sub.next()
-        async with stuck_poller(node, sub) as (stuck, _epoch):
+        async with stuck_query(node, sub) as (stuck, _epoch, call):
             app = ConsoleApp([node.base_url], token, read_only)
             async with app.run_test(size=SIZE) as pilot:
                 await until(pilot, lambda: app.backend.connected and app.read_only)
                 screen = await open_zombies(pilot, app)
                 await until(pilot, lambda: len(zombie_rows(app)) == 1, timeout=60, interval=0.2, message="listed")
-                assert f"node-1 polls at epoch {stuck}  STUCK" in evidence(app), "the evidence is for everyone"
+                assert f"items:1 at epoch {stuck} (no longer owned there)" in evidence(app), "the evidence is for everyone"
                 labels = footer_labels(app)
                 assert not {"Mark", "Mark all/none", "Reap", "Dry run"} & set(labels), labels
                 for key in ("space", "a", "x", "X"):
@@ -148,7 +151,7 @@ async def test_a_read_only_console_shows_the_zombie_and_offers_no_reap(zombie_no
                     await pilot.pause(0.3)
                     assert isinstance(app.screen, ZombiesScreen), f"{key} opened {app.screen}"
                 assert not screen.marked and zombie_rows(app)[0][0] == " "
-            assert any(p["epoch"] == stuck for p in node.node.stuck_pollers()), "nothing reaped"
+            assert still_stuck(node, call), "nothing reaped"
         await sub.stop()
 
 
