@@ -70,6 +70,7 @@ class ConsoleApp(App):
         self.backend: Backend | None = None
         self.lost: tuple[str | None, str, str] | None = None
         self.auth_error: str | None = None
+        self._connected_to: str | None = None
 
     # -- what the token may do ---------------------------------------------------------------
 
@@ -118,10 +119,14 @@ class ConsoleApp(App):
     def on_connected(self, message: Connected) -> None:
         self.lost, self.auth_error = None, None
         self._sync_chrome()
-        self.refresh_bindings()
+        if self.screen_stack:  # the backend may answer before the first view is on screen (or after the last)
+            self.refresh_bindings()
         screen = self.view_screen()
         if screen is not None:
-            screen.refresh_data(force=True)
+            # Another node: what is on screen is another node's answer, ask again now. The same node
+            # back (a torn event stream): a refresh in flight is still good, do not cancel it.
+            screen.refresh_data(force=message.node != self._connected_to)
+        self._connected_to = message.node
 
     def on_lost(self, message: Lost) -> None:
         self.lost = (message.node, message.url, message.reason)
@@ -191,7 +196,7 @@ class ConsoleApp(App):
         if self.can_act:
             sections.append(("Confirmation", keys(ActionModal.BINDINGS)))
         else:
-            sections.append(("Read-only", [("", "failover, drain and undrain are not offered: " +
+            sections.append(("Read-only", [("", "failover, drain, undrain and reaping zombies are not offered: " +
                                             ("--read-only" if self.read_only_arg else "a read token or not connected"))]))
         return sections
 

@@ -200,6 +200,13 @@ class Backend:
     async def undrain(self, node: str) -> api.DrainResult:
         return await self.call(self.admin.undrain, node)
 
+    async def zombies(self) -> api.ZombieList:
+        """A scan on the node: ~0.1 s after a recent one, 1-2 s otherwise (it scans twice to confirm)."""
+        return await self.call(self.admin.zombies)
+
+    async def reap(self, ids: list[str], *, dry_run: bool = False) -> api.ReapResult:
+        return await self.call(self.admin.reap, ids=ids, dry_run=dry_run)
+
     # -- the event stream ---------------------------------------------------------------------
 
     async def _follow_events(self) -> None:

@@ -87,6 +87,13 @@ class Formatter:
     def series(self, values: Sequence[float]) -> list[float]:
         return list(values)
 
+    def version(self, value: str) -> str:
+        return value
+
+    def pid(self, value: int | None) -> str:
+        """A PostgreSQL backend's process id."""
+        return DASH if value is None else str(value)
+
     def text(self, value: str) -> str:
         """Free text from the node (reasons, errors) may embed addresses and ids."""
         return value
@@ -97,6 +104,7 @@ class StableFormatter(Formatter):
 
     _PORT = re.compile(r"(127\.0\.0\.1|localhost):\d+")
     _HEX = re.compile(r"\b[0-9a-f]{8,}\b")
+    _CALL = re.compile(r"\b[0-9a-f]{6}-q\d+\b")  # a stuck database call's id: the process's prefix, a number
 
     def __init__(self) -> None:
         super().__init__(clock=lambda: 1_700_000_000.0)
@@ -128,8 +136,14 @@ class StableFormatter(Formatter):
     def ident(self, value: str | None) -> str:
         return "5f3a9c1e…" if value else DASH
 
+    def version(self, value: str) -> str:
+        return "1.0.0"  # a release must not change every snapshot
+
+    def pid(self, value: int | None) -> str:
+        return DASH if value is None else "4242"
+
     def series(self, values: Sequence[float]) -> list[float]:
         return [1, 2, 3, 2, 4, 3, 5, 2, 3, 4, 6, 3, 2, 3, 4, 3][: max(len(values), 0)] or []
 
     def text(self, value: str) -> str:
-        return self._HEX.sub("5f3a9c1e", self._PORT.sub(r"\1:8080", value))
+        return self._CALL.sub("5f3a9c-q7", self._HEX.sub("5f3a9c1e", self._PORT.sub(r"\1:8080", value)))

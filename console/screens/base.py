@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ConsoleScreen", "MUTATING"]
 
-# Actions that change the cluster: hidden and inert in read-only mode.
-MUTATING = frozenset({"failover", "failover_to", "drain", "undrain", "reap"})
+# Actions that change the cluster (and the zombie marks and dry run that only serve a reap, which
+# need an operator token too): hidden and inert in read-only mode.
+MUTATING = frozenset({"failover", "failover_to", "drain", "undrain", "reap", "reap_dry_run", "mark", "mark_all"})
 
 
 class ConsoleScreen(Screen):

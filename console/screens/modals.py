@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Awaitable, Callable, Iterable
 
 from rich.console import Group
@@ -13,6 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
+from textual.timer import Timer
 from textual.widgets import Button, OptionList, Static
 from textual.widgets.option_list import Option
 
@@ -31,17 +33,22 @@ class ActionModal(ModalScreen[bool]):
         Binding("n,escape", "cancel", "Cancel"),
     ]
 
-    def __init__(self, title: str, what: str, verb: str, run: Callable[[], Awaitable[Text]]) -> None:
+    def __init__(self, title: str, what: str | Text, verb: str, run: Callable[[], Awaitable[Text]], *,
+                 ask: bool = True) -> None:  # fmt: skip
+        """``ask=False``: nothing to confirm (a dry run): ``run`` starts at once and its answer is shown."""
         super().__init__(classes="modal")
-        self.title_text, self.what, self.verb, self.run = title, what, verb, run
+        self.title_text, self.what, self.verb, self.run, self.ask = title, what, verb, run, ask
         self.state = "ask"  # ask | working | done | failed
         self.outcome: Text | None = None
+        self._started, self._said = 0.0, Text()
+        self._clock: Timer | None = None
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Static(Text(self.title_text, style="bold"), id="dialog-title")
-            yield Static(self.what, id="dialog-what")
-            yield Static("", id="dialog-result")
+            with VerticalScroll(id="dialog-body"):  # a reap of many zombies lists many actions
+                yield Static(self.what, id="dialog-what")
+                yield Static("", id="dialog-result")
             with Horizontal(id="dialog-buttons"):
                 yield Button(f"{self.verb} (y)", variant="error", id="confirm")
                 yield Button("Cancel (n)", id="cancel")
@@ -49,6 +56,23 @@ class ActionModal(ModalScreen[bool]):
     def on_mount(self) -> None:
         self.query_one("#dialog-result").display = False
         self.query_one("#cancel", Button).focus()  # the safe choice is the default one
+        if not self.ask:
+            self.query_one("#confirm").display = False
+            self.action_confirm()
+
+    def progress(self, text: Text) -> None:
+        """What a long ``run`` is doing now (one reap after another)."""
+        self._said = text
+        self._tick()
+
+    def _tick(self) -> None:
+        """While working: what it does, and for how long (a slow answer is not a hung console)."""
+        if self.state == "working" and self.is_mounted:
+            elapsed = time.monotonic() - self._started
+            line = self._said.copy()
+            if elapsed >= 1:
+                line.append(f" {elapsed:.0f}s", style="dim")
+            self.query_one("#dialog-result", Static).update(line)
 
     @on(Button.Pressed, "#confirm")
     def action_confirm(self) -> None:
@@ -58,6 +82,8 @@ class ActionModal(ModalScreen[bool]):
             result = self.query_one("#dialog-result", Static)
             result.display = True
             result.update(Text(f"{self.verb}…", style="yellow"))
+            self._started, self._said = time.monotonic(), Text(f"{self.verb}…", style="yellow")
+            self._clock = self.set_interval(0.5, self._tick)  # a drain of the last node waits its 30 s out
             self.execute()
         elif self.state in ("done", "failed"):
             self.dismiss(self.state == "done")
@@ -81,7 +107,10 @@ class ActionModal(ModalScreen[bool]):
             outcome = Text.assemble(("✗ failed: ", "bold red"), (f"{code}", "bold"), f": {message}")
             self.state = "failed"
         self.outcome = outcome
+        if self._clock is not None:
+            self._clock.stop()
         self.query_one("#dialog-result", Static).update(outcome)
+        self.query_one("#dialog-body", VerticalScroll).scroll_end(animate=False)
         self.query_one("#confirm").display = False
         cancel = self.query_one("#cancel", Button)
         cancel.label = "Close (esc)"

@@ -87,7 +87,7 @@ class OverviewScreen(ConsoleScreen):
         stat("clients", fmt.count(s.clients))
         stat("subscriptions", fmt.count(s.subscriptions))
         stat("coordinator", s.coordinator, "cyan")
-        stat("version", s.version, "dim")
+        stat("version", fmt.version(s.version), "dim")
         if s.partial:
             stat("partial", ", ".join(p.node for p in s.unavailable) + " did not answer", "bold yellow")
         self.query_one("#summary", Static).update(line)

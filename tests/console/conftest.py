@@ -1,18 +1,31 @@
 """The console against a live node: a real PostgreSQL, a node with admin tokens, Pilot.
 
 ``console_node`` starts one node named ``node-1`` (stable names make stable
-snapshots) with a small ``items`` feed; ``run_console`` runs the Textual app
-in this event loop (the node's), and ``until`` waits on what the screen shows.
+snapshots) with a small ``items`` feed; the tests run the Textual app in this
+event loop (the node's), and ``until`` waits on what the screen shows.
+
+``zombie_node`` is the same node without the janitor, and ``stuck_query``
+makes a real zombie on it (the CLI's tests found the way): the PostgreSQL
+backend serving the topic's poll is stopped (SIGSTOP), so the poll hangs;
+a forced failover then stops the topic's polling, the hung call cannot end,
+the node keeps it as a stuck query, and a scan reports a ``stuck_query``.
+The backend is continued (SIGCONT) whatever happens.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import time
-from typing import Any, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
-from support import db_execute
+from subsys.client.admin import AdminClient
+
+from support import Subscription, db_execute, db_fetch, eventually
 
 OPERATOR, READER = "op-token-for-console", "read-token-for-console"
 SECRETS = {"admin_token": OPERATOR, "admin_read_token": READER}
@@ -23,6 +36,8 @@ SCHEMA = (
 FEEDS = {"items": {"sql": "select id, name, v from items where grp = $1 order by id", "key": ["id"],
                    "param": "int", "interval": 0.1}}  # fmt: skip
 SIZE = (150, 42)
+# A long statement timeout: the hung poll must still hang when the failover tells the poller to stop.
+ZOMBIE_FEEDS = {"items": {**FEEDS["items"], "statement_timeout": 120}}
 
 
 @pytest.fixture
@@ -34,6 +49,60 @@ async def console_db(database_url: str) -> str:
 @pytest.fixture
 async def console_node(start_node, console_db):
     return await start_node(FEEDS, database_url=console_db, secrets=SECRETS, node={"node_id": "node-1"})
+
+
+@pytest.fixture
+async def zombie_node(start_node, console_db):
+    """``node-1`` without the janitor (``zombie_interval = 0``): it would reap the zombie before the console sees it."""
+    node = await start_node(ZOMBIE_FEEDS, database_url=console_db, secrets=SECRETS,
+                            node={"node_id": "node-1", "zombie_interval": 0})  # fmt: skip
+    node.extra["database_url"] = console_db
+    return node
+
+
+@asynccontextmanager
+async def stuck_query(node, sub: Subscription, topic: str = "items:1") -> AsyncIterator[tuple[int, int, dict]]:
+    """Hang ``topic``'s poll in the database and force a failover: yields (old epoch, new epoch, the call).
+
+    Nothing else may use the node's pool meanwhile (a zombie scan does: keep the console off the
+    zombies view): the backend stopped is the one that ran the latest query, which the pool
+    (last released, first reused) hands to the next poll.
+    """
+    url = node.extra["database_url"]
+    async with AdminClient(node.base_url, token=OPERATOR) as admin:
+        before = await admin.topic(topic)
+        rows = await db_fetch(url, "select pid from pg_stat_activity where application_name = $1 "
+                                   "order by query_start desc nulls last limit 1", node.application_name)  # fmt: skip
+        assert rows, f"no PostgreSQL backend of {node.application_name}"
+        pid = rows[0]["pid"]
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except PermissionError:
+            pytest.skip("cannot signal the PostgreSQL backend (another user's server)")
+        try:
+
+            async def stalled() -> bool:
+                polls = (await admin.topic(topic)).polls
+                await asyncio.sleep(1.0)
+                return (await admin.topic(topic)).polls == polls
+
+            await eventually(stalled, timeout=20, message=f"the poll hangs on backend {pid}")
+            moved = await admin.failover(topic)
+            assert moved.epoch_before == before.epoch and moved.epoch_after > before.epoch
+            await sub.until(lambda f: f["type"] == "resync" and f["epoch"] == moved.epoch_after)
+
+            def the_call() -> dict | None:
+                return next((q for q in node.node.stuck_queries() if q["topics"] == {topic: before.epoch}), None)
+
+            call = await eventually(the_call, timeout=20, message="the hung call kept as a stuck query")
+            assert call["pid"] == pid, call
+            yield before.epoch, moved.epoch_after, call
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+def still_stuck(node, call: dict) -> bool:
+    return any(q["id"] == call["id"] for q in node.node.stuck_queries())
 
 
 async def until(pilot, predicate: Callable[[], Any], timeout: float = 20.0, message: str = "", interval: float = 0.05) -> Any:

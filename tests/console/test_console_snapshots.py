@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 
+from subsys.client.admin import AdminClient
 from subsys.client.ws import connect
 from subsys.console.app import ConsoleApp
 from subsys.console.fmt import StableFormatter
 from subsys.console.screens.topic import TopicScreen
 from subsys.console.screens.topics import TopicsScreen
+from subsys.console.screens.zombies import ZombiesScreen
 from subsys.console.widgets.rows import LiveRows
-from subsys.console.widgets.table import PagedTable
+from subsys.console.widgets.table import InPlaceTable, PagedTable
 
-from conftest import OPERATOR, SIZE, until
+from conftest import OPERATOR, SIZE, stuck_query, text_of, until
 from support import Subscription, eventually
 
 
@@ -84,3 +86,27 @@ async def test_topic_detail_snapshot(console_node, snap_compare) -> None:
     for sub in subs:
         await sub.stop()
     await cm.__aexit__(None, None, None)
+
+
+async def test_zombies_snapshot(zombie_node, snap_compare) -> None:
+    """A real zombie (a database call stuck in a frozen backend), its evidence beside it."""
+    cm, [sub] = await _subscribed(zombie_node, ["items:1"])
+    async with stuck_query(zombie_node, sub):
+        async with AdminClient(zombie_node.base_url, token=OPERATOR) as admin:
+            await eventually(lambda: _listed(admin), timeout=30, message="the stuck poller listed")
+        app = ConsoleApp([zombie_node.base_url], OPERATOR, fmt=StableFormatter())
+
+        async def ready(pilot) -> None:
+            await pilot.press("4")
+            await until(pilot, lambda: isinstance(app.screen, ZombiesScreen)
+                        and len(app.screen.query_one("#zombies", InPlaceTable).keys) == 1
+                        and "no longer owned there" in text_of(app.screen.query_one("#evidence-text")), timeout=30)  # fmt: skip
+            await _settled(pilot)
+
+        assert await asyncio.to_thread(snap_compare, app, terminal_size=SIZE, run_before=ready)
+    await sub.stop()
+    await cm.__aexit__(None, None, None)
+
+
+async def _listed(admin: AdminClient) -> bool:
+    return bool((await admin.zombies()).zombies)
