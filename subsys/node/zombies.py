@@ -94,6 +94,8 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
     presence_keys = [f for f in records.keys if f.kind == "presence"]
     live_session = {nid: s for nid, r in reports.items() if (s := _session_of(r))}
     session_node = {s.id: s.node for s in records.sessions}
+    # node -> topic -> its report: looked up once per key (10,000 topics: no quadratic scan)
+    topic_report = {nid: {t["topic"]: t for t in r.get("topic_reports") or []} for nid, r in reports.items()}
     findings: list[Finding] = []
 
     def gone(node: str) -> str | None:
@@ -190,7 +192,7 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
         if claimed in reports and live_session.get(claimed) == key.holder:
             report = reports[claimed]
             polling = topic in (report.get("pollers") or {})
-            item = next((t for t in report.get("topic_reports", []) if t["topic"] == topic), None)
+            item = topic_report[claimed].get(topic)
             last = (item or {}).get("last_poll_at")
             interval = float((item or {}).get("interval") or 0)
             silent_for = scan.now - last if last else None
@@ -219,7 +221,7 @@ def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
         if holder_dead:
             why = holder_dead
         elif node in reports:
-            item = next((t for t in reports[node].get("topic_reports", []) if t["topic"] == fact.topic), None)
+            item = topic_report[node].get(fact.topic)
             if not item or not item.get("local_subscribers"):
                 why = f"{node} has no local subscribers to {fact.topic}"
         if why:

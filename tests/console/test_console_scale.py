@@ -1,6 +1,8 @@
 """The console with many topics: the refresh rate it holds and how fast a key press shows.
 
-Off by default (minutes, and a node process under load): run it with
+In the suite it runs with 1,000 topics and checks behaviour only (the view
+keeps refreshing, keys act, sorts and pages bring new rows); to measure at
+scale (minutes, a node process under load), run it with
 
     SUBSYS_CONSOLE_SCALE=10000 .venv/bin/python -m pytest -p no:cacheprovider -q -s \
         tests/console/test_console_scale.py
@@ -33,10 +35,11 @@ from subsys.testing.nodes import NodeProcess, to_toml
 
 from conftest import OPERATOR, SECRETS, until
 
-COUNT = int(os.environ.get("SUBSYS_CONSOLE_SCALE", "0"))
+MEASURING = bool(os.environ.get("SUBSYS_CONSOLE_SCALE"))
+COUNT = int(os.environ.get("SUBSYS_CONSOLE_SCALE") or 1000)
+WINDOW = 30.0 if MEASURING else 8.0  # seconds of refreshes counted
 CONNECTIONS = 4
-pytestmark = [pytest.mark.skipif(not COUNT, reason="set SUBSYS_CONSOLE_SCALE=10000 to measure"),
-              pytest.mark.timeout(1200)]
+pytestmark = pytest.mark.timeout(1200)
 
 
 async def _subscribe_all(url: str, count: int, ready: asyncio.Event, done: asyncio.Event) -> None:
@@ -113,7 +116,8 @@ async def test_many_topics_refresh_at_1hz_and_keys_answer_fast(console_db, tmp_p
                 await asyncio.sleep(1.0)
             subscribed_s = time.monotonic() - started
             print(f"\n{COUNT} topics subscribed in {subscribed_s:.1f}s")
-            await _api_timings(admin)
+            if MEASURING:
+                await _api_timings(admin)
 
         app = ConsoleApp([node.url], OPERATOR)
         async with app.run_test(size=(150, 45)) as pilot:
@@ -123,7 +127,7 @@ async def test_many_topics_refresh_at_1hz_and_keys_answer_fast(console_db, tmp_p
             table = screen.query_one("#topics", PagedTable)
             await until(pilot, lambda: screen.total == COUNT, timeout=300, message="all topics counted")
 
-            # 1. The refresh rate held: completed refreshes per second over 30 s.
+            # 1. The refresh rate held: completed refreshes per second over the window.
             shows, answered, original = [], [], screen.show
 
             def counting(page):
@@ -132,7 +136,7 @@ async def test_many_topics_refresh_at_1hz_and_keys_answer_fast(console_db, tmp_p
                 original(page)
 
             screen.show = counting
-            await pilot.pause(30.0)
+            await pilot.pause(WINDOW)
             rate = (len(shows) - 1) / (shows[-1] - shows[0]) if len(shows) > 1 else 0.0
             held = len(shows)
 
@@ -160,16 +164,14 @@ async def test_many_topics_refresh_at_1hz_and_keys_answer_fast(console_db, tmp_p
                 await until(pilot, lambda: table.keys and table.keys[0] != first, timeout=120, interval=0.002)
                 pages.append((time.monotonic() - t0) * 1000)
 
-        print(f"refresh rate held: {rate:.2f}/s over 30 s ({held} refreshes of a {table.row_count}-row page)")
+        print(f"refresh rate held: {rate:.2f}/s over {WINDOW:g} s ({held} refreshes of a {table.row_count}-row page)")
         print(f"the refreshes' requests answered in: {p(answered)}")
         print(f"cursor move (local): {p(lags)}")
         print(f"sort reversed (s) -> new first row: {p(sorts)}")
         print(f"next page (pagedown) -> new rows: {p(pages)}")
-        # The data's pace is the API's (GET /topics: ~70 ms at 10,000 topics, seconds while the node
-        # runs a zombie scan); what the console owns is that refreshes never pile up and keys never
-        # wait for them.
-        assert held >= 1, "the view stopped refreshing"
-        assert statistics.median(lags) < 100, "keys lag"
+        # The figures are printed, not asserted (a busy machine is no defect); what must hold is
+        # behaviour: the view kept refreshing, every key acted (each wait above), nothing piled up.
+        assert held >= 2, f"the view stopped refreshing ({held} refreshes in {WINDOW:g} s)"
     finally:
         done.set()
         if clients is not None:
