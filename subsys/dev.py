@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, TypeVar
@@ -60,6 +61,8 @@ HOST = LOOPBACK
 
 NODE_STOP_TIMEOUT = 20.0
 NODE_READY_TIMEOUT = 90.0
+RESTART_DELAY = 1.0  # a node that dies is restarted after this long
+CRASH_LOOP_UPTIME, CRASH_LOOP_RESTARTS = 10.0, 3  # that many exits this soon after a restart: give up
 CONSUL_LEADER_TIMEOUT = 30.0
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -138,6 +141,7 @@ class DevCluster:
     writer_task: asyncio.Task | None = None
     run_dir: Path | None = None
     _signals: int = 0
+    _quick_exits: dict[str, int] = field(default_factory=dict)  # node -> exits soon after a restart
 
     # -- entry point --------------------------------------------------------
 
@@ -344,24 +348,37 @@ class DevCluster:
     # -- run ------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Until Ctrl-C or until something dies on its own."""
+        """Until Ctrl-C or until PostgreSQL, Consul or the writer dies.
+
+        A node that dies is restarted, as a supervisor would (systemd, Kubernetes): kill one
+        (``kill -9 <pid>``) to watch its topics fail over and the node come back.
+        """
         assert self.writer_task is not None and self.pg is not None
-        watched: dict[asyncio.Future, Any] = {
+        fatal: dict[asyncio.Future, Any] = {
             asyncio.ensure_future(self.stop.wait()): "stop",
             self.writer_task: "writer",
             asyncio.ensure_future(self.pg.wait_exit()): "postgres",
         }
-        for child in self._processes():
-            watched[asyncio.ensure_future(child.wait())] = child
+        if self.consul is not None:
+            fatal[asyncio.ensure_future(self.consul.wait())] = self.consul
+        nodes = {asyncio.ensure_future(node.wait()): node for node in self.children}
         try:
-            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait([*fatal, *nodes], return_when=asyncio.FIRST_COMPLETED)
+                if any(future in fatal for future in done):
+                    break
+                for future in done:
+                    node = nodes.pop(future)
+                    if future.exception() is not None:  # a crash loop: give up, as a supervisor would
+                        raise future.exception()  # type: ignore[misc]
+                    nodes[asyncio.ensure_future(self._restart(node))] = node
         finally:
-            for future, what in watched.items():
+            for future, what in [*fatal.items(), *nodes.items()]:
                 if what != "writer":
                     future.cancel()
         if self.stop.is_set():
             return
-        what = watched[next(iter(done))]
+        what = fatal[next(f for f in done if f in fatal)]
         if what == "writer":
             exc = self.writer_task.exception() if not self.writer_task.cancelled() else None
             raise DevError(f"the demo writer stopped: {exc!r}")
@@ -369,6 +386,28 @@ class DevCluster:
             raise DevError(f"PostgreSQL (pid {self.pg.pid}) exited unexpectedly (log {self.data_dir}/log)")
         extra = f" (log {what.log_path}):\n{what.log_tail(15)}" if what is self.consul else ""
         raise DevError(f"{what.name} (pid {what.pid}) exited unexpectedly ({exit_status(what.returncode)}){extra}")
+
+    async def _restart(self, node: NodeProcess) -> None:
+        """Report a node's death, start it again after a moment, then watch it again (returns when it exits)."""
+        status = exit_status(node.returncode)
+        others = "; the other nodes take over its topics" if len(self.children) > 1 else ""
+        say(Text(f"{node.name} (pid {node.pid}) exited ({status}){others}; restarting it in "
+                 f"{RESTART_DELAY:g}s, as a supervisor would", style="yellow"))  # fmt: skip
+        await asyncio.sleep(RESTART_DELAY)
+        await node.start()
+        started = time.monotonic()
+        try:
+            await node.wait_ready(NODE_READY_TIMEOUT)
+        except ProcessError:
+            pass  # it died (or hangs) while starting: counted below, with its log
+        else:
+            say(Text(f"{node.name} restarted (pid {node.pid}): ready", style="green"))
+        await node.wait()
+        quick = self._quick_exits.get(node.name, 0) + 1 if time.monotonic() - started < CRASH_LOOP_UPTIME else 0
+        self._quick_exits[node.name] = quick
+        if quick >= CRASH_LOOP_RESTARTS:
+            raise DevError(f"{node.name} exited {quick} times within {CRASH_LOOP_UPTIME:g}s of a restart "
+                           f"({exit_status(node.returncode)}); the last lines of its log:\n{node.log_tail(15)}")  # fmt: skip
 
     # -- stop -----------------------------------------------------------------
 

@@ -20,12 +20,13 @@ from .base import ConsoleScreen
 
 __all__ = ["OverviewScreen"]
 
-NODES = [
+NODES = [  # drop: the order in which a narrow screen hides them (highest first)
     Col("node", "NODE", 12), Col("health", "HEALTH", 11), Col("owned", "OWNED", 6, right=True),
-    Col("followed", "FOLLOWS", 7, right=True), Col("pollers", "POLLERS", 7, right=True),
-    Col("clients", "CLIENTS", 7, right=True), Col("subs", "SUBS", 6, right=True),
-    Col("coord", "CONSUL", 10), Col("session", "SESSION", 9), Col("confirmed", "CONFIRMED", 9),
-    Col("uptime", "UPTIME", 7, right=True), Col("address", "ADDRESS", 20), Col("problem", "PROBLEM", 18),
+    Col("followed", "FOLLOWS", 7, right=True, drop=2), Col("pollers", "POLLERS", 7, right=True, drop=4),
+    Col("clients", "CLIENTS", 7, right=True), Col("subs", "SUBS", 6, right=True, drop=1),
+    Col("coord", "CONSUL", 10), Col("session", "SESSION", 9, drop=5), Col("confirmed", "CONFIRMED", 9, drop=3),
+    Col("uptime", "UPTIME", 7, right=True, drop=6), Col("address", "ADDRESS", 22, drop=7),
+    Col("problem", "PROBLEM", 12, fill=True),
 ]  # fmt: skip
 HEALTH_STYLE = {"ok": "bold green", "unavailable": "bold yellow", "unreachable": "bold red"}
 RECENT = 12
@@ -85,8 +86,8 @@ class OverviewScreen(ConsoleScreen):
         stat("unowned", fmt.count(s.unowned), "bold magenta" if s.unowned else "bold")
         stat("failing", fmt.count(s.failing), "bold red" if s.failing else "bold")
         stat("clients", fmt.count(s.clients))
-        stat("subscriptions", fmt.count(s.subscriptions))
-        stat("coordinator", s.coordinator, "cyan")
+        stat("subs", fmt.count(s.subscriptions))
+        stat("on", s.coordinator, "cyan")
         stat("version", fmt.version(s.version), "dim")
         if s.partial:
             stat("partial", ", ".join(p.node for p in s.unavailable) + " did not answer", "bold yellow")

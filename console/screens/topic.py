@@ -31,8 +31,8 @@ __all__ = ["TopicScreen"]
 PRESENCE = [Col("node", "NODE", 12), Col("role", "ROLE", 8), Col("epoch", "EPOCH", 5, right=True),
             Col("seq", "SEQ", 5, right=True), Col("state", "STATE", 5), Col("subs", "SUBS", 4, right=True),
             Col("followers", "FOLLOW", 6, right=True)]  # fmt: skip
-HISTORY = [Col("at", "WHEN", 9), Col("node", "NODE", 12), Col("event", "EVENT", 8), Col("epoch", "EPOCH", 9),
-           Col("gap", "GAP", 8, right=True), Col("reason", "REASON", 44)]  # fmt: skip
+HISTORY = [Col("at", "WHEN", 9), Col("node", "NODE", 10), Col("event", "EVENT", 8), Col("epoch", "EPOCH", 9),
+           Col("gap", "GAP", 8, right=True, drop=1), Col("reason", "REASON", 16, fill=True)]  # fmt: skip
 LIVE_STYLE = {"live": "bold green", "stale": "bold red", "connecting": "yellow", "reconnecting": "yellow",
               "error": "bold red"}  # fmt: skip
 

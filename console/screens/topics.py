@@ -27,14 +27,15 @@ from .base import ConsoleScreen
 __all__ = ["TopicsScreen", "Filters", "STATE_STYLE"]
 
 STATE_STYLE = {"ok": "green", "error": "bold red", "starting": "yellow", "unowned": "bold magenta"}
-COLUMNS = [
-    Col("topic", "TOPIC", 24, "topic"), Col("feed", "FEED", 8, "feed"), Col("owner", "OWNER", 10, "owner"),
-    Col("epoch", "EPOCH", 6, "epoch", True), Col("seq", "SEQ", 6, "seq", True),
+COLUMNS = [  # drop: the order in which a narrow screen hides them (highest first)
+    Col("topic", "TOPIC", 24, "topic"), Col("feed", "FEED", 9, "feed", drop=3), Col("owner", "OWNER", 10, "owner"),
+    Col("epoch", "EPOCH", 6, "epoch", True), Col("seq", "SEQ", 6, "seq", True, drop=5),
     Col("state", "STATE", 8, "state"), Col("subscribers", "SUBS", 5, "subscribers", True),
-    Col("last_poll_ms", "POLL", 8, "last_poll_ms", True), Col("last_poll_at", "POLLED", 9, "last_poll_at", True),
-    Col("last_change_at", "CHANGED", 9, "last_change_at", True), Col("polls", "POLLS", 6, "polls", True),
-    Col("failures", "FAILS", 5, "failures", True), Col("interval", "EVERY", 5, "interval", True),
-    Col("error", "LAST ERROR", 18),
+    Col("last_poll_ms", "POLL", 8, "last_poll_ms", True, drop=4),
+    Col("last_poll_at", "POLLED", 9, "last_poll_at", True, drop=2),
+    Col("last_change_at", "CHANGED", 9, "last_change_at", True), Col("polls", "POLLS", 6, "polls", True, drop=7),
+    Col("failures", "FAILS", 5, "failures", True, drop=1), Col("interval", "EVERY", 5, "interval", True, drop=6),
+    Col("error", "LAST ERROR", 12, fill=True),
 ]  # fmt: skip
 SORTABLE = [c.key for c in COLUMNS if c.sort]
 FILTER_KEYS = ("feed", "state", "node", "owner")

@@ -37,7 +37,7 @@ from .modals import ActionModal
 __all__ = ["ZombiesScreen", "COLUMNS"]
 
 COLUMNS = [Col("mark", " ", 1), Col("kind", "KIND", 19), Col("subject", "SUBJECT", 18), Col("nodes", "NODE(S)", 12),
-           Col("since", "SINCE", 9), Col("scans", "SCANS", 5, right=True), Col("janitor", "JANITOR", 10)]  # fmt: skip
+           Col("since", "SINCE", 9), Col("scans", "SCANS", 5, right=True), Col("janitor", "JANITOR", 10, fill=True)]  # fmt: skip
 GONE = "gone before its turn (healed meanwhile, or fixed by an earlier action of this reap): nothing done"
 
 

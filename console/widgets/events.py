@@ -55,7 +55,7 @@ def describe(event: api.Event, fmt: Formatter) -> tuple[str, str]:
 
 
 class EventTable(InPlaceTable):
-    COLUMNS = [Col("at", "WHEN", 9), Col("type", "TYPE", 9), Col("subject", "SUBJECT", 22), Col("what", "WHAT", 90)]
+    COLUMNS = [Col("at", "WHEN", 9), Col("type", "TYPE", 9), Col("subject", "SUBJECT", 22), Col("what", "WHAT", 30, fill=True)]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(self.COLUMNS, **kwargs)

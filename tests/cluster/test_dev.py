@@ -280,21 +280,34 @@ def test_dev_embedded_serves_changing_data_and_stops_cleanly(tmp_path: Path) -> 
         _cleanup_postgres(data_dir)
 
 
-def test_dev_reports_a_dead_node_and_exits_nonzero(tmp_path: Path) -> None:
+def test_dev_restarts_a_dead_node_like_a_supervisor_and_gives_up_on_a_crash_loop(tmp_path: Path) -> None:
     data_dir = tmp_path / "pg"
     dev = Dev("--embedded", "--base-port", str(_free_base_port(1)), "--data-dir", str(data_dir))
     try:
-        dev.wait_for(HINT_RE, START_TIMEOUT)
+        url = dev.wait_for(HINT_RE, START_TIMEOUT).group(1)
         procs = _snapshot_processes(dev, data_dir)
         node = next(p for p in procs if "serve" in p.cmdline())
         node.kill()
+        dev.wait_for(re.compile(rf"node-1 \(pid {node.pid}\) exited \(killed by SIGKILL\); restarting it"), 30)
+        pid = int(dev.wait_for(re.compile(r"node-1 restarted \(pid (\d+)\)"), 60).group(1))
+        assert pid != node.pid
+        _assert_live(_sub(url))  # serving again, same address
+
+        # A node that keeps dying right after each restart: a crash loop, reported, and dev gives up.
+        seen = {node.pid, pid}
+        for attempt in range(3):
+            psutil.Process(pid).kill()
+            if attempt < 2:
+                fresh = "|".join(map(str, seen))
+                pid = int(dev.wait_for(re.compile(rf"node-1 restarted \(pid (?!(?:{fresh})\))(\d+)\)"), 60).group(1))
+                seen.add(pid)
         try:
             code = dev.proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"subsys dev kept running after its node died:\n{dev.output}") from None
+            raise AssertionError(f"subsys dev kept restarting a crash-looping node:\n{dev.output}") from None
         dev._reader.join(10)
         assert code != 0, dev.output
-        assert re.search(r"node-1 \(pid \d+\) exited unexpectedly", dev.output), dev.output
+        assert re.search(r"node-1 exited 3 times within 10s of a restart \(killed by SIGKILL\)", dev.output), dev.output
         assert _leftovers(procs, data_dir) == []
         _assert_no_traceback(dev)
     finally:
