@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from openapi_core.testing import MockRequest, MockResponse
 
 from subsys.client.admin import AdminClient, Forbidden, NotFound, Unauthorized
 from subsys.client.ws import connect
+from subsys.web.admin import EVENTS
 
 from support import RawClient, Subscription, db_execute, eventually
 
@@ -214,6 +216,32 @@ async def test_events_start_with_a_snapshot_then_follow_ownership(admin_node) ->
         assert resumed[0].type != "snapshot"
         again.cancel()
         await asyncio.gather(again, return_exceptions=True)
+
+
+async def test_a_client_that_leaves_the_event_stream_ends_it_quietly(admin_node, caplog) -> None:
+    """A console that closes is no error: the next event ends its stream, with nothing logged."""
+    node, _checked = admin_node
+    seen: list = []
+    async with AdminClient(node.base_url, token=OPERATOR) as admin:
+
+        async def read() -> None:
+            async for event in admin.events():
+                seen.append(event)
+
+        reader = asyncio.create_task(read())
+        await eventually(lambda: seen, message="the snapshot")
+        streams = node.app[EVENTS].streams
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    async with connect(node.ws_url) as client:  # events for the stream nobody reads any more
+        for topic in ("items:1", "items:2"):
+            sub = Subscription(client, topic)
+            await sub.next()
+            await sub.stop()
+    await eventually(lambda: node.app[EVENTS].streams < streams, timeout=30,
+                     message="the abandoned stream ended")  # fmt: skip
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 async def test_metrics_count_admin_requests_by_route_and_status(admin_node) -> None:

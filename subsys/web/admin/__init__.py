@@ -101,8 +101,11 @@ async def _events(request: web.Request) -> web.StreamResponse:
     after = request.headers.get("Last-Event-ID") or request.query.get("cursor")
     async with sse_response(request) as response:
         response.ping_interval = 15
-        async for event in hub.stream(after):
-            await response.send(event.model_dump_json(), id=event.id, event=event.type)
+        try:
+            async for event in hub.stream(after):
+                await response.send(event.model_dump_json(), id=event.id, event=event.type)
+        except ConnectionResetError:
+            pass  # the client went away (a console closed): the end of its stream, not an error
     return response
 
 

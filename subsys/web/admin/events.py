@@ -52,6 +52,7 @@ class EventHub:
         self._count = 0
         self._changed = asyncio.Condition()
         self._closed = False
+        self.streams = 0  # open event streams (clients reading)
         self._owners = _owners(node)
         self._presence = _presence(node)
         self._nodes = _nodes(node)
@@ -108,6 +109,14 @@ class EventHub:
 
     async def stream(self, after: str | None) -> AsyncIterator[api.Event]:
         """Events after cursor ``after`` (replayed from the ring), or a snapshot first."""
+        self.streams += 1
+        try:
+            async for event in self._stream(after):
+                yield event
+        finally:
+            self.streams -= 1
+
+    async def _stream(self, after: str | None) -> AsyncIterator[api.Event]:
         position = self._position(after)
         if position is None:
             yield self.snapshot()
