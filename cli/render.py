@@ -319,7 +319,7 @@ _EVIDENCE = {
     "presence_key": ("presence key", "the coordinator"),
     "sessions": ("sessions", "the nodes' own reports"),
     "session": ("session", "the coordinator"),
-    "node": ("node", "the coordinator"),
+    "node": ("node", ""),
     "holds": ("keys held", "the coordinator"),
     "checks": ("checks", "Consul"),
     "db_connections": ("db connections", "PostgreSQL's pg_stat_activity"),
