@@ -121,7 +121,7 @@ def bench(
         help="fanout: the node's node.event_loop, asyncio or uvloop (needs pip install 'subsys\\[fast]').",
     ),
     clients: Optional[int] = typer.Option(None, help="memory: idle subscribed clients per row (1000)."),
-    topics: Optional[int] = typer.Option(None, help="dbload: subscribed topics (1000); consul-writes: (100)."),
+    topics: Optional[int] = typer.Option(None, help="dbload: subscribed topics (1000); latency: topics the node polls (1); consul-writes: (100)."),
     window: Optional[float] = typer.Option(None, help="dbload (30), consul-writes (60): seconds counted."),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="dbload: database.batch_size for the merged-polling phase (100)."

@@ -24,7 +24,7 @@ from typing import Any, Awaitable
 
 import asyncpg
 
-from subsys.bench.support import BenchError, progress, summarize_ms
+from subsys.bench.support import BenchError, IdleClients, progress, summarize_ms
 from subsys.client.ws import connect
 from subsys.testing.cluster import ClusterSpec, LocalCluster
 
@@ -162,15 +162,23 @@ def _match_latencies(
     return latencies, coalesced, lost
 
 
-async def bench_latency(*, changes: int = 200, interval: float = 0.1, **_: Any) -> dict[str, Any]:
-    changes = max(1, int(changes))
+async def bench_latency(*, changes: int = 200, interval: float = 0.1, topics: int = 1, **_: Any) -> dict[str, Any]:
+    """``topics``: how many topics the node polls; the one timed is the last (in the last batch)."""
+    changes, topics = max(1, int(changes)), max(1, int(topics))
     feed = items_feed(interval)
-    row_id, topic = 1, f"{FEED}:1"
+    row_id = topics
+    topic = f"{FEED}:{row_id}"
     started = time.monotonic()
     progress("starting PostgreSQL and the node")
-    async with LocalCluster(one_node(rows=10, interval=interval)) as env:
+    async with LocalCluster(one_node(rows=max(10, topics), interval=interval)) as env, \
+            IdleClients(env.nodes["n1"].ws_url, concurrency=100) as others:  # fmt: skip
         node = env.nodes["n1"]
         query_ms = await _time_feed_query(env.database_url, feed, row_id)
+        if topics > 1:
+            progress(f"subscribing {topics - 1} other topics")
+            await others.open([f"{FEED}:{i}" for i in range(1, topics)])
+            if others.errors:
+                raise BenchError(f"{len(others.errors)} subscriptions failed, e.g. {others.errors[0]}")
 
         recorder = _TopicRecorder(node.ws_url, topic, row_id)
         connected = asyncio.Event()
@@ -210,8 +218,9 @@ async def bench_latency(*, changes: int = 200, interval: float = 0.1, **_: Any) 
         "bench": "latency",
         "what": "commit of a row change -> diff carrying it received by a subscribed client",
         "setup": "1 node subprocess (embedded coordinator), embedded PostgreSQL (pgserver, Unix socket),"
-        " 1 client via subsys.client on loopback",
+        " 1 client via subsys.client on loopback (and one idle client per other topic)",
         "topic": topic,
+        "topics": topics,
         "interval_ms": round(interval * 1000, 1),
         "changes": len(commits),
         **figures,
