@@ -9,6 +9,7 @@ its own facts (``GET /internal/state``) and asks the node concerned to act
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -66,18 +67,39 @@ async def _state(request: web.Request) -> web.Response:
     return web.json_response(await own_state(request.app, topics=topics, topic=request.query.get("topic")))
 
 
+def _bad_request(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(
+        text=json.dumps({"error": {"code": "bad_request", "message": message}}), content_type="application/json"
+    )
+
+
+async def _json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; anything else is a 400 (a peer of another version, or a bug), never a 500."""
+    if optional and not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _bad_request("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise _bad_request("the body is not a JSON object")
+    return body
+
+
 async def _hand_over(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    body = await request.json()
-    released = await node.hand_over(
-        str(body["topic"]), int(body["epoch"]), to=body.get("to") or None, reason=str(body.get("reason", ""))
-    )
+    body = await _json_object(request)
+    try:
+        topic, epoch = str(body["topic"]), int(body["epoch"])
+    except (KeyError, TypeError, ValueError):
+        raise _bad_request("hand_over needs topic and an integer epoch") from None
+    released = await node.hand_over(topic, epoch, to=body.get("to") or None, reason=str(body.get("reason", "")))
     return web.json_response({"released": released})
 
 
 async def _drain(request: web.Request) -> web.Response:
     node = request.app[NODE]
-    body = await request.json() if request.can_read_body else {}
+    body = await _json_object(request, optional=True)
     moved = await node.handoff(why=str(body.get("reason", "drain")))
     return web.json_response({"moved": moved, "draining": node.draining})
 
@@ -85,18 +107,27 @@ async def _drain(request: web.Request) -> web.Response:
 async def _reap(request: web.Request) -> web.Response:
     """Act on a zombie finding that concerns this node, re-checking the evidence first."""
     node = request.app[NODE]
-    body = await request.json()
+    body = await _json_object(request)
     do = body.get("do")
+    try:
+        if do in ("stop_poller", "release"):
+            topic, epoch = str(body["topic"]), int(body["epoch"])
+        elif do == "terminate_query":
+            query = str(body["query"])
+        elif do == "deregister":
+            service_id, incarnation = str(body["service_id"]), str(body.get("incarnation", ""))
+        else:
+            raise _bad_request(f"unknown action {do!r}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _bad_request(f"{do}: missing or malformed field {exc}") from None
     if do == "stop_poller":
-        done = await node.reap_poller(str(body["topic"]), int(body["epoch"]))
-    elif do == "terminate_query":
-        done = await node.reap_query(str(body["query"]))
+        done = await node.reap_poller(topic, epoch)
     elif do == "release":
-        done = await node.release_idle(str(body["topic"]), int(body["epoch"]))
-    elif do == "deregister":
-        done = await request.app[REAPER](str(body["service_id"]), str(body.get("incarnation", "")))
+        done = await node.release_idle(topic, epoch)
+    elif do == "terminate_query":
+        done = await node.reap_query(query)
     else:
-        return web.json_response({"error": {"code": "bad_request", "message": f"unknown action {do!r}"}}, status=400)
+        done = await request.app[REAPER](service_id, incarnation)
     return web.json_response({"done": done})
 
 

@@ -127,9 +127,9 @@ async def test_bench_failover_kinds_small() -> None:
     result = await _run_small(
         "failover", kills=1, fast_failover="true", restart_after="0", restart_runs=1, interval=0.1, check_ttl=2.0
     )
-    assert result["check_ttl_s"] == 2.0 and result["kinds"] == ["kill", "kill-restart", "stop"]
+    assert result["check_ttl_s"] == 2.0 and result["kinds"] == ["kill", "kill-restart", "stop", "forced"]
     rows = result["results"]
-    for name in ("kill", "kill-restart", "stop", "restart_after_0"):
+    for name in ("kill", "kill-restart", "stop", "forced", "restart_after_0"):
         row = rows[f"{name}.fast"]
         assert row["n"] + row["timeouts"] == 1, row
         # a fault -> check TTL (or a death certificate) -> a survivor acquires -> resync

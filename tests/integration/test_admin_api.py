@@ -25,6 +25,7 @@ from subsys.web.admin import EVENTS
 from support import RawClient, Subscription, db_execute, eventually
 
 OPERATOR, READER = "op-token-for-tests", "read-token-for-tests"
+CLUSTER_SECRET = "cluster-secret-for-tests"
 SCHEMA = "create table items (id int primary key, grp int not null, v int not null); " \
          "insert into items values (1, 1, 0), (2, 1, 0), (3, 2, 0);"
 FEED = {"sql": "select id, v from items where grp = $1 order by id", "key": ["id"], "param": "int", "interval": 0.1}
@@ -39,11 +40,13 @@ class Checked:
         self.base, self.openapi = base, OpenAPI.from_dict(spec)
 
     async def call(self, method: str, path: str, *, token: str | None = OPERATOR, body: Any = None,
-                   params: dict[str, str] | None = None) -> tuple[int, Any]:  # fmt: skip
+                   params: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, Any]:  # fmt: skip
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if raw is not None:
+            headers["Content-Type"] = "application/json"
         async with aiohttp.ClientSession() as http:
-            async with http.request(method, self.base + "/admin/v1" + path, headers=headers, json=body,
-                                    params=params) as resp:  # fmt: skip
+            async with http.request(method, self.base + "/admin/v1" + path, headers=headers, params=params,
+                                    **({"data": raw} if raw is not None else {"json": body})) as resp:  # fmt: skip
                 data = await resp.read()
                 status, content_type = resp.status, resp.content_type
         request = MockRequest(self.base, method.lower(), "/admin/v1" + path, args=params or {})
@@ -55,7 +58,8 @@ class Checked:
 async def admin_node(start_node, database_url):
     await db_execute(database_url, SCHEMA)
     node = await start_node({"items": FEED}, database_url=database_url,
-                            secrets={"admin_token": OPERATOR, "admin_read_token": READER})  # fmt: skip
+                            secrets={"admin_token": OPERATOR, "admin_read_token": READER,
+                                     "cluster_secret": CLUSTER_SECRET})  # fmt: skip
     async with AdminClient(node.base_url, token=OPERATOR) as admin:
         spec = await admin.openapi()
     return node, Checked(node.base_url, spec)
@@ -157,6 +161,37 @@ async def test_a_forced_failover_on_one_node_starts_a_new_epoch_and_clients_resy
         status, body = await checked.call("POST", "/topics/items:2/failover", body={})
         assert status == 409 and body["error"]["code"] == "not_owned"
         await sub.stop()
+
+
+@pytest.mark.parametrize("raw", [b"\x00", b"{", b"[1]", b'"text"', b'{"dry_run": "maybe", "to": 7}', b'{"ids": "x"}'])
+async def test_a_malformed_body_on_any_acting_route_is_a_400_never_a_500(admin_node, raw) -> None:
+    node, checked = admin_node
+    routes = [*POST_ROUTES, "/zombies/reap"]
+    for path in routes:
+        path = path.replace("{node}", node.node_id)
+        status, body = await checked.call("POST", path, raw=raw)
+        # a route that takes no body ignores it; one that takes a body names what is wrong with it
+        assert status in (200, 400, 409), (path, raw, status, body)
+        if status == 400:
+            assert body["error"]["code"] == "bad_request", (path, raw, body)
+    status, body = await checked.call("POST", "/zombies/reap", raw=raw)
+    assert status == 400 and body["error"]["code"] == "bad_request", body
+
+
+@pytest.mark.parametrize("path", ["/internal/hand-over", "/internal/drain", "/internal/reap"])
+async def test_the_internal_routes_answer_a_malformed_peer_call_with_a_400(admin_node, path) -> None:
+    node, _checked = admin_node
+    headers = {"Authorization": f"Bearer {CLUSTER_SECRET}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        for raw in (b"\x00", b"[1]", b'{"topic": "items:1", "epoch": "x"}', b'{"do": "stop_poller"}', b'{"do": "?"}'):
+            async with http.post(node.base_url + path, data=raw, headers=headers) as resp:
+                body = await resp.json()
+            if path == "/internal/drain" and raw.startswith(b"{"):
+                assert resp.status == 200, body  # drain takes an optional reason and ignores the rest
+                async with http.post(node.base_url + "/internal/undrain", headers=headers) as undo:
+                    assert undo.status == 200
+                continue
+            assert resp.status == 400 and body["error"]["code"] == "bad_request", (path, raw, resp.status, body)
 
 
 async def test_drain_moves_everything_refuses_new_clients_and_undrain_ends_it(admin_node) -> None:

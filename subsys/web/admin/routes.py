@@ -142,7 +142,8 @@ async def one_topic(request: web.Request) -> web.Response:
 # -- acting ------------------------------------------------------------------------------
 
 
-async def _body(request: web.Request, model: type[BaseModel]) -> Any:
+async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
+    """The request's JSON body as *model*; a body that is not valid JSON or not the model is a 400."""
     if not request.can_read_body:
         return model()
     try:
@@ -156,7 +157,7 @@ async def failover(request: web.Request) -> web.Response:
     started = time.monotonic()
     principal = _principal(request)
     name = _topic_name(request)
-    body: api.FailoverRequest = await _body(request, api.FailoverRequest)
+    body: api.FailoverRequest = await read_body(request, api.FailoverRequest)
     node = request.app[NODE]
     view = node.coordinator.view
     owner = view.owners.get(name)

@@ -29,7 +29,7 @@ from subsys.coordinator.base import KeyFact
 from subsys.core import admin as api
 from subsys.node.zombies import KINDS, Finding, ScanInput, Timing, Tracker, detect
 from subsys.web.admin.gather import gather
-from subsys.web.admin.routes import PRINCIPAL, ApiError, audit, json_model
+from subsys.web.admin.routes import PRINCIPAL, ApiError, audit, json_model, read_body
 from subsys.web.appkeys import NODE
 from subsys.web.health import EXTRA_COLLECTORS
 from subsys.web.internal import REAPER, STATE_EXTRAS, PeerClient, PeerUnavailable, refuses
@@ -297,7 +297,7 @@ async def reap_zombies(request: web.Request) -> web.Response:
     started = time.monotonic()
     principal = request[PRINCIPAL]
     service = request.app[ZOMBIES]
-    body = api.ReapRequest.model_validate(await request.json()) if request.can_read_body else api.ReapRequest()
+    body: api.ReapRequest = await read_body(request, api.ReapRequest)
     findings = await service.current()
     selected = [f for f in findings
                 if (body.ids is None or f.id in body.ids)
