@@ -310,38 +310,9 @@ _FROM = re.compile(r"\(from ([^()\s]+)\)\s*$")  # a handed-over topic's reason (
 
 # -- zombies ---------------------------------------------------------------------------------
 
-# Each piece of a zombie's evidence (subsys.node.zombies builds it): a short label, and which source said it.
-# An unknown key (a newer node's) is shown under its own name.
-_EVIDENCE = {
-    "why": ("why", ""),
-    "pollers": ("pollers", "the nodes' own reports"),
-    "owner_key": ("owner key", "the coordinator"),
-    "presence_key": ("presence key", "the coordinator"),
-    "sessions": ("sessions", "the nodes' own reports"),
-    "session": ("session", "the coordinator"),
-    "node": ("node", ""),
-    "holds": ("keys held", "the coordinator"),
-    "checks": ("checks", "Consul"),
-    "db_connections": ("db connections", "PostgreSQL's pg_stat_activity"),
-    "presence": ("presence", "the coordinator"),
-    "grace": ("grace period", "the node's settings"),
-    "reserved_for": ("reserved for", "the coordinator"),
-    "hold_ended_ago": ("hold ended", "the coordinator"),
-    "last_poll_ago": ("last poll", "the node's own report"),
-    "agent_of": ("agent of", ""),
-    "registration": ("registration", "a Consul agent"),
-    "feed": ("feed", "the node's own report"),
-    "topics": ("topics", "the node's own report and the coordinator"),
-    "pid": ("backend pid", "the node's own report"),
-    "age": ("running for", "the node's own report"),
-    "since": ("stuck since", "the node's own report"),
-}
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
 def short_id(value: str, full: bool = False) -> str:
     """A Consul session id (a UUID) as its first 8 characters and "…"; anything else as it is."""
-    return value if full or not _UUID.match(value) else value[:8] + "…"
+    return value if full or not api.is_session_id(value) else value[:8] + "…"
 
 
 def action_text(action: dict[str, Any], full: bool = False) -> str:
@@ -445,7 +416,7 @@ def zombie_details(zombie: api.Zombie, kinds: dict[str, str], auto_reap: bool = 
     if "why" in evidence:  # the conclusion first, then the facts it rests on
         grid.add_row("why", Text(str(evidence.pop("why")), style="yellow"))
     for name, value in evidence.items():
-        label, source = _EVIDENCE.get(name, (name.replace("_", " "), ""))
+        label, source = api.evidence_label(name)
         text = Text(evidence_value(name, value, full=True))
         if source:
             text.append(f"  ({source})", style="dim")

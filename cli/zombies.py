@@ -24,7 +24,8 @@ from typing import Sequence
 from rich.console import Group
 from rich.markup import escape
 
-from subsys.client.admin import AdminClient, AdminError, Forbidden, NotFound, Unauthorized, Unreachable
+from subsys.client.admin import AdminClient, NotFound
+from subsys.client.reaping import Reaping
 from subsys.core import admin as api
 from subsys.cli import render
 from subsys.cli.admin import Ctx, ExitCode, Stop, confirm
@@ -32,7 +33,6 @@ from subsys.cli.admin import Ctx, ExitCode, Stop, confirm
 __all__ = ["zombies", "reap_exit"]
 
 TICK = 0.25
-GONE = "gone before its turn (healed meanwhile, or fixed by an earlier action of this reap): nothing done"
 
 
 async def zombies(
@@ -83,63 +83,32 @@ async def _reap_all(admin: AdminClient, found: list[api.Zombie], *, dry_run: boo
         return api.ReapResult(dry_run=dry_run, outcomes=[], reaped=0, failed=0, skipped=0)
 
 
-def _outcomes(zombie: api.Zombie, detail: str) -> list[api.ReapOutcome]:
-    return [api.ReapOutcome(id=zombie.id, kind=zombie.kind, subject=zombie.subject, action=action, done=False,
-                            detail=detail) for action in zombie.actions]  # fmt: skip
-
-
-def _result(outcomes: list[api.ReapOutcome]) -> api.ReapResult:
-    failed = sum(1 for o in outcomes if not o.done and o.detail.startswith("failed"))
-    done = sum(1 for o in outcomes if o.done)
-    return api.ReapResult(dry_run=False, outcomes=outcomes, reaped=done, failed=failed,
-                          skipped=len(outcomes) - done - failed)  # fmt: skip
-
-
 async def _reap_each(ctx: Ctx, admin: AdminClient, found: list[api.Zombie]) -> api.ReapResult:
     """Reap the confirmed zombies one by one, with a progress line on stderr (people at a terminal)."""
-    outcomes: list[api.ReapOutcome] = []
+    reaping = Reaping(found, lambda ids: admin.reap(ids=ids), unsure_hint="check with `subsys zombies`")
     started = time.monotonic()
+
+    def describe() -> str:
+        zombie = reaping.current
+        return (f"Reaping {reaping.index + 1}/{len(found)}: {zombie.kind} {render.short_id(zombie.subject)} "
+                f"({reaping.done} done, {reaping.failed} failed) {time.monotonic() - started:.1f}s")  # fmt: skip
+
+    run = asyncio.ensure_future(reaping.run())
     status = ctx.err.status("Reaping") if ctx.interactive else None
-    index = 0
-
-    def describe(zombie: api.Zombie) -> str:
-        done = sum(o.done for o in outcomes)
-        failed = sum(1 for o in outcomes if o.detail.startswith("failed"))
-        return (f"Reaping {index + 1}/{len(found)}: {zombie.kind} {render.short_id(zombie.subject)} "
-                f"({done} done, {failed} failed) {time.monotonic() - started:.1f}s")  # fmt: skip
-
     try:
         if status is not None:
             status.start()
-        for index, zombie in enumerate(found):
-            call = asyncio.ensure_future(admin.reap(ids=[zombie.id]))
-            try:
-                while True:
-                    if status is not None:
-                        status.update(escape(describe(zombie)))
-                    done, _ = await asyncio.wait({call}, timeout=TICK)
-                    if done:
-                        break
-                outcomes += call.result().outcomes
-            except NotFound:
-                outcomes += _outcomes(zombie, GONE)
-            except (Unauthorized, Forbidden):
-                raise  # the same for every zombie: the command's error (exit 4 or 5)
-            except Unreachable as exc:
-                outcomes += _outcomes(zombie, f"failed: no node answered ({exc.message}); it may have been done: "
-                                              "check with `subsys zombies`")  # fmt: skip
-                for rest in found[index + 1:]:
-                    outcomes += _outcomes(rest, "failed: not attempted: no node answered")
-                break
-            except AdminError as exc:
-                outcomes += _outcomes(zombie, f"failed: {exc.message}")
-            except asyncio.CancelledError:  # Ctrl-C: we stop waiting; what was sent may still be done
-                call.cancel()
-                ctx.err.print(f"[yellow]interrupted:[/] {sum(o.done for o in outcomes)} action(s) done; the reap of "
-                              f"{escape(zombie.id)} was sent and may still complete; the rest not attempted "
-                              "(check with `subsys zombies`).")  # fmt: skip
-                raise
+        while not run.done():
+            if status is not None:
+                status.update(escape(describe()))
+            await asyncio.wait({run}, timeout=TICK)
+        return run.result()
+    except asyncio.CancelledError:  # Ctrl-C: we stop waiting; what was sent may still be done
+        run.cancel()
+        ctx.err.print(f"[yellow]interrupted:[/] {reaping.done} action(s) done; the reap of "
+                      f"{escape(reaping.current.id)} was sent and may still complete; the rest not attempted "
+                      "(check with `subsys zombies`).")  # fmt: skip
+        raise
     finally:
         if status is not None:
             status.stop()
-    return _result(outcomes)

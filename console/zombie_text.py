@@ -10,7 +10,6 @@ so a snapshot of the zombies screen is stable.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from rich.text import Text
@@ -19,44 +18,16 @@ from subsys.core import admin as api
 
 from .fmt import Formatter
 
-__all__ = ["SOURCES", "short_id", "action_text", "evidence_lines", "outcome_text", "reap_summary", "janitor_cell"]
-
-# Each piece of evidence (subsys.node.zombies builds it): a label, and which source said it.
-# An unknown key (a newer node's) is shown under its own name, its value as JSON.
-SOURCES = {
-    "pollers": ("pollers", "the nodes' own reports"),
-    "owner_key": ("owner key", "the coordinator"),
-    "presence_key": ("presence key", "the coordinator"),
-    "sessions": ("sessions", "the nodes' own reports"),
-    "session": ("session", "the coordinator"),
-    "node": ("node", ""),  # the coordinator (a session's) or the node's own report (a stuck call's)
-    "holds": ("keys held", "the coordinator"),
-    "checks": ("checks", "Consul"),
-    "db_connections": ("db connections", "PostgreSQL's pg_stat_activity"),
-    "presence": ("presence", "the coordinator"),
-    "grace": ("grace period", "the node's settings"),
-    "reserved_for": ("reserved for", "the coordinator"),
-    "hold_ended_ago": ("hold ended", "the coordinator"),
-    "last_poll_ago": ("last poll", "the node's own report"),
-    "agent_of": ("agent of", ""),
-    "registration": ("registration", "a Consul agent"),
-    "feed": ("feed", "the node's own report"),
-    "topics": ("topics it polled", "the node's own report and the coordinator"),
-    "pid": ("backend pid", "the node's own report"),
-    "age": ("running for", "the node's own report"),
-    "since": ("stuck since", "the node's own report"),
-}
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
+__all__ = ["short_id", "action_text", "evidence_lines", "outcome_text", "reap_summary", "janitor_cell"]
 
 def short_id(value: Any, fmt: Formatter) -> str:
     """A Consul session id (a UUID) shortened ("3fa2b1c4…"); anything else (a node, a topic, a call) as it is."""
     text = str(value)
-    return fmt.ident(text) if _UUID.match(text) else fmt.text(text)
+    return fmt.ident(text) if api.is_session_id(text) else fmt.text(text)
 
 
 def _holder(holder: Any, fmt: Formatter) -> str:
-    return f"session {short_id(holder, fmt)}" if _UUID.match(str(holder)) else str(holder)
+    return f"session {short_id(holder, fmt)}" if api.is_session_id(holder) else str(holder)
 
 
 def _key(key: Any, fmt: Formatter) -> str:
@@ -170,7 +141,7 @@ def evidence_lines(zombie: api.Zombie, listing: api.ZombieList, fmt: Formatter) 
     for name, value in zombie.evidence.items():
         if name == "why":
             continue
-        label, source = SOURCES.get(name, (name.replace("_", " "), ""))
+        label, source = api.evidence_label(name)
         out.append(f" {label}", style="bold")
         out.append(f"  {source}\n" if source else "\n", style="dim")
         for line in _values(name, value, fmt):

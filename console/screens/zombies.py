@@ -26,7 +26,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from subsys.client.admin import AdminError, Forbidden, NotFound, Unauthorized, Unreachable
+from subsys.client.admin import AdminError, NotFound
+from subsys.client.reaping import Reaping
 from subsys.core import admin as api
 
 from ..widgets.table import Col, InPlaceTable
@@ -38,7 +39,6 @@ __all__ = ["ZombiesScreen", "COLUMNS"]
 
 COLUMNS = [Col("mark", " ", 1), Col("kind", "KIND", 19), Col("subject", "SUBJECT", 18), Col("nodes", "NODE(S)", 12),
            Col("since", "SINCE", 9), Col("scans", "SCANS", 5, right=True), Col("janitor", "JANITOR", 10, fill=True)]  # fmt: skip
-GONE = "gone before its turn (healed meanwhile, or fixed by an earlier action of this reap): nothing done"
 
 
 class ZombiesScreen(ConsoleScreen):
@@ -225,31 +225,18 @@ class ZombiesScreen(ConsoleScreen):
         backend, fmt = self.backend, self.fmt
         n = len(found)
 
+        def progress(reaping: Reaping) -> None:
+            zombie = reaping.current
+            modal.progress(Text(f"Reaping {reaping.index + 1}/{n}: {zombie.kind} {short_id(zombie.subject, fmt)} "
+                                f"({reaping.done} action(s) done so far)…", style="yellow"))  # fmt: skip
+
         async def run() -> Text:
-            outcomes: list[api.ReapOutcome] = []
             try:
-                for index, zombie in enumerate(found):
-                    done = sum(o.done for o in outcomes)
-                    modal.progress(Text(f"Reaping {index + 1}/{n}: {zombie.kind} {short_id(zombie.subject, fmt)} "
-                                        f"({done} action(s) done so far)…", style="yellow"))  # fmt: skip
-                    try:
-                        outcomes += (await backend.reap([zombie.id])).outcomes
-                    except NotFound:
-                        outcomes += _outcomes(zombie, GONE)
-                    except (Unauthorized, Forbidden):
-                        raise  # the same for every zombie: the modal says it once
-                    except Unreachable as exc:
-                        outcomes += _outcomes(zombie, f"failed: no node answered ({exc.message}); it may have been "
-                                                      "done: the next scan tells")  # fmt: skip
-                        for rest in found[index + 1:]:
-                            outcomes += _outcomes(rest, "failed: not attempted: no node answered")
-                        break
-                    except AdminError as exc:
-                        outcomes += _outcomes(zombie, f"failed: {exc.code}: {exc.message}")
+                result = await Reaping(found, backend.reap, unsure_hint="the next scan tells", on_next=progress).run()
             finally:
                 self.marked -= {z.id for z in found}
                 self.refresh_data(force=True)
-            return reap_summary(_result(outcomes), fmt)
+            return reap_summary(result, fmt)
 
         modal = ActionModal(f"Reap {n} zombie{'s' if n != 1 else ''}", self._what(found, False), "Reap", run)
         self.app.push_screen(modal)
@@ -270,15 +257,3 @@ class ZombiesScreen(ConsoleScreen):
         n = len(found)
         self.app.push_screen(ActionModal(f"Dry run: reap {n} zombie{'s' if n != 1 else ''} (nothing changes)",
                                          self._what(found, True), "Dry run", run, ask=False))  # fmt: skip
-
-
-def _outcomes(zombie: api.Zombie, detail: str) -> list[api.ReapOutcome]:
-    return [api.ReapOutcome(id=zombie.id, kind=zombie.kind, subject=zombie.subject, action=action, done=False,
-                            detail=detail) for action in zombie.actions]  # fmt: skip
-
-
-def _result(outcomes: list[api.ReapOutcome]) -> api.ReapResult:
-    failed = sum(1 for o in outcomes if not o.done and o.detail.startswith("failed"))
-    done = sum(1 for o in outcomes if o.done)
-    return api.ReapResult(dry_run=False, outcomes=outcomes, reaped=done, failed=failed,
-                          skipped=len(outcomes) - done - failed)  # fmt: skip

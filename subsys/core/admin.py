@@ -8,12 +8,16 @@ new fields may be added.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "API_PREFIX",
+    "EVIDENCE",
+    "evidence_label",
+    "is_session_id",
     "ErrorBody",
     "ErrorResponse",
     "PeerProblem",
@@ -233,6 +237,45 @@ class Zombie(_Model):
     evidence: dict[str, Any] = Field(description="which sources disagree, and how, with the values")
     actions: list[dict[str, Any]] = Field(description="what a reap does")
     auto: bool = Field(description="the janitor reaps this kind on its own")
+
+
+# A zombie's evidence names: (label, the source of truth that said it). A newer node may send a name
+# this table lacks; clients show it under its own name.
+EVIDENCE: dict[str, tuple[str, str]] = {
+    "why": ("why", ""),
+    "pollers": ("pollers", "the nodes' own reports"),
+    "owner_key": ("owner key", "the coordinator"),
+    "presence_key": ("presence key", "the coordinator"),
+    "sessions": ("sessions", "the nodes' own reports"),
+    "session": ("session", "the coordinator"),
+    "node": ("node", ""),  # the coordinator (a session's) or the node's own report (a stuck call's)
+    "holds": ("keys held", "the coordinator"),
+    "checks": ("checks", "Consul"),
+    "db_connections": ("db connections", "PostgreSQL's pg_stat_activity"),
+    "presence": ("presence", "the coordinator"),
+    "grace": ("grace period", "the node's settings"),
+    "reserved_for": ("reserved for", "the coordinator"),
+    "hold_ended_ago": ("hold ended", "the coordinator"),
+    "last_poll_ago": ("last poll", "the node's own report"),
+    "agent_of": ("agent of", ""),
+    "registration": ("registration", "a Consul agent"),
+    "feed": ("feed", "the node's own report"),
+    "topics": ("topics it polled", "the node's own report and the coordinator"),
+    "pid": ("backend pid", "the node's own report"),
+    "age": ("running for", "the node's own report"),
+    "since": ("stuck since", "the node's own report"),
+}
+_SESSION_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def evidence_label(name: str) -> tuple[str, str]:
+    """(label, source) of an evidence entry; an unknown name is shown as it is."""
+    return EVIDENCE.get(name, (name.replace("_", " "), ""))
+
+
+def is_session_id(value: object) -> bool:
+    """A Consul session id (a UUID), which clients shorten; node ids, topics and calls are shown whole."""
+    return _SESSION_ID.match(str(value)) is not None
 
 
 class ZombieList(_Partial):
