@@ -11,12 +11,14 @@ import asyncio
 import inspect
 import json
 import os
+import signal
 import socket
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -367,3 +369,51 @@ async def run_cli(*args: str, url: str | None, token: str | None, stdin: int | b
         await proc.wait()
         raise
     return CliResult(proc.returncode if proc.returncode is not None else -1, out.decode(), err.decode())
+
+
+# -- a real stuck query: a poll hung in a frozen PostgreSQL backend -----------------------------
+
+
+@asynccontextmanager
+async def frozen_poll_backend(node: Any, polls: Callable[[], Awaitable[int]]) -> AsyncIterator[int]:
+    """SIGSTOP the backend ``node``'s next poll will use and wait until ``polls()`` stops counting: yields its pid.
+
+    That backend is the one that ran the node's latest query (asyncpg hands out the most recently
+    released connection first), so nothing else may use the node's pool meanwhile (a zombie scan
+    does). The backend is continued (SIGCONT) on the way out, whatever happened.
+    """
+    rows = await db_fetch(node.extra["database_url"], "select pid from pg_stat_activity where application_name = $1 "
+                                                      "order by query_start desc nulls last limit 1",
+                          node.application_name)  # fmt: skip
+    assert rows, f"no PostgreSQL backend with application_name {node.application_name}"
+    pid = rows[0]["pid"]
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except PermissionError:
+        import pytest
+
+        pytest.skip("cannot signal the PostgreSQL backend (another user's server)")
+    try:
+
+        async def stalled() -> bool:
+            before = await polls()
+            await asyncio.sleep(1.0)
+            return await polls() == before
+
+        await eventually(stalled, timeout=20, message=f"the poll hangs on backend {pid}")
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def stuck_call(node: Any, topic: str, epoch: int) -> dict[str, Any]:
+    """The node's record of the hung poll of ``topic`` at ``epoch``, once its owner moved on: a stuck query."""
+
+    def the_call() -> dict[str, Any] | None:
+        return next((q for q in node.node.stuck_queries() if q["topics"] == {topic: epoch}), None)
+
+    return await eventually(the_call, timeout=20, message="the hung call kept as a stuck query")
+
+
+def still_stuck(node: Any, call: dict[str, Any]) -> bool:
+    return any(q["id"] == call["id"] for q in node.node.stuck_queries())

@@ -14,9 +14,6 @@ The backend is continued (SIGCONT) whatever happens.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -25,7 +22,7 @@ import pytest
 
 from subsys.client.admin import AdminClient
 
-from support import Subscription, db_execute, db_fetch, eventually
+from support import Subscription, db_execute, frozen_poll_backend, stuck_call
 
 OPERATOR, READER = "op-token-for-console", "read-token-for-console"
 SECRETS = {"admin_token": OPERATOR, "admin_read_token": READER}
@@ -68,41 +65,19 @@ async def stuck_query(node, sub: Subscription, topic: str = "items:1") -> AsyncI
     zombies view): the backend stopped is the one that ran the latest query, which the pool
     (last released, first reused) hands to the next poll.
     """
-    url = node.extra["database_url"]
     async with AdminClient(node.base_url, token=OPERATOR) as admin:
         before = await admin.topic(topic)
-        rows = await db_fetch(url, "select pid from pg_stat_activity where application_name = $1 "
-                                   "order by query_start desc nulls last limit 1", node.application_name)  # fmt: skip
-        assert rows, f"no PostgreSQL backend of {node.application_name}"
-        pid = rows[0]["pid"]
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except PermissionError:
-            pytest.skip("cannot signal the PostgreSQL backend (another user's server)")
-        try:
 
-            async def stalled() -> bool:
-                polls = (await admin.topic(topic)).polls
-                await asyncio.sleep(1.0)
-                return (await admin.topic(topic)).polls == polls
+        async def polls() -> int:
+            return (await admin.topic(topic)).polls
 
-            await eventually(stalled, timeout=20, message=f"the poll hangs on backend {pid}")
+        async with frozen_poll_backend(node, polls) as pid:
             moved = await admin.failover(topic)
             assert moved.epoch_before == before.epoch and moved.epoch_after > before.epoch
             await sub.until(lambda f: f["type"] == "resync" and f["epoch"] == moved.epoch_after)
-
-            def the_call() -> dict | None:
-                return next((q for q in node.node.stuck_queries() if q["topics"] == {topic: before.epoch}), None)
-
-            call = await eventually(the_call, timeout=20, message="the hung call kept as a stuck query")
+            call = await stuck_call(node, topic, before.epoch)
             assert call["pid"] == pid, call
             yield before.epoch, moved.epoch_after, call
-        finally:
-            os.kill(pid, signal.SIGCONT)
-
-
-def still_stuck(node, call: dict) -> bool:
-    return any(q["id"] == call["id"] for q in node.node.stuck_queries())
 
 
 async def until(pilot, predicate: Callable[[], Any], timeout: float = 20.0, message: str = "", interval: float = 0.05) -> Any:

@@ -24,8 +24,8 @@ from subsys.console.widgets.table import InPlaceTable
 from subsys.core import admin as api
 from subsys.node.zombies import KINDS
 
-from conftest import OPERATOR, READER, SIZE, still_stuck, stuck_query, text_of, until
-from support import Subscription, eventually
+from conftest import OPERATOR, READER, SIZE, stuck_query, text_of, until
+from support import Subscription, eventually, still_stuck
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -17,10 +17,8 @@ otherwise reap the zombie on its own before the CLI sees it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pty
-import signal
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -34,7 +32,8 @@ from subsys.client.admin import AdminClient
 from subsys.client.ws import connect
 from subsys.core import admin as api
 
-from support import CliResult, Subscription, db_execute, db_fetch, eventually, free_port, run_cli
+from support import (CliResult, Subscription, db_execute, eventually, free_port, frozen_poll_backend, run_cli,
+                     still_stuck, stuck_call)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -163,48 +162,26 @@ async def stuck_query(node, sub: Subscription) -> AsyncIterator[tuple[int, int, 
     The failover stops the topic's polling at once; what is left is the hung call itself, a
     stuck query. The backend is continued (SIGCONT) on the way out, whatever happened.
     """
-    database_url = node.extra["database_url"]
     before = await _topic(node)
-    rows = await db_fetch(database_url, "select pid from pg_stat_activity where application_name = $1 "
-                                        "order by query_start desc nulls last limit 1", node.application_name)  # fmt: skip
-    assert rows, f"no PostgreSQL backend with application_name {node.application_name}"
-    pid = rows[0]["pid"]
-    try:
-        os.kill(pid, signal.SIGSTOP)
-    except PermissionError:
-        pytest.skip("cannot signal the PostgreSQL backend (another user's server)")
-    try:
 
-        async def stalled() -> bool:
-            polls = (await _topic(node)).polls
-            await asyncio.sleep(1.0)
-            return (await _topic(node)).polls == polls
+    async def polls() -> int:
+        return (await _topic(node)).polls
 
-        await eventually(stalled, timeout=20, message=f"the poll hangs on backend {pid}")
+    async with frozen_poll_backend(node, polls) as pid:
         moved = await cli("failover", "items:1", "--yes", "--json", url=node.base_url)
         assert moved.code == 0, moved.err
         new_epoch = moved.json["epoch_after"]
         assert moved.json["epoch_before"] == before.epoch and new_epoch > before.epoch
         await sub.until(lambda f: f["type"] == "resync" and f["epoch"] == new_epoch)
         assert node.node.running_pollers() == {"items:1": new_epoch}  # the topic polls on, once
-
-        def the_call() -> dict | None:
-            return next((q for q in node.node.stuck_queries() if q["topics"] == {"items:1": before.epoch}), None)
-
-        call = await eventually(the_call, timeout=20, message="the hung call kept as a stuck query")
+        call = await stuck_call(node, "items:1", before.epoch)
         assert call["pid"] == pid and call["feed"] == "items", call
         yield before.epoch, new_epoch, call
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 async def _listed_zombie(url: str) -> CliResult | None:
     listed = await cli("zombies", "--json", url=url)
     return listed if listed.code == 9 and listed.json["zombies"] else None
-
-
-def _still_stuck(node, call: dict) -> bool:
-    return any(q["id"] == call["id"] for q in node.node.stuck_queries())
 
 
 async def test_a_call_stuck_in_the_database_is_listed_rehearsed_and_reaped(zombie_node) -> None:
@@ -262,7 +239,7 @@ async def test_a_call_stuck_in_the_database_is_listed_rehearsed_and_reaped(zombi
             dry = await cli("zombies", "--dry-run", url=url)
             assert dry.code == 9 and "Dry run, nothing changed. A reap would:" in dry.shown, dry.out
             assert said in dry.shown
-            assert _still_stuck(node, call)
+            assert still_stuck(node, call)
 
             # No --yes and no terminal: refused at once, naming the action; a person's "n": nothing done.
             piped = await cli("zombies", "--reap", "--json", url=url, stdin=b"y\n")
@@ -273,7 +250,7 @@ async def test_a_call_stuck_in_the_database_is_listed_rehearsed_and_reaped(zombi
             assert "Reap 1 zombie" in declined.said and "Continue? [y/N]" in declined.said, declined.err
             assert f"stuck_query {subject}: {said}" in declined.said
             assert "aborted: nothing done." in declined.said
-            assert _still_stuck(node, call)
+            assert still_stuck(node, call)
 
             reaped = await cli("zombies", "--reap", "--yes", "--json", url=url)
             assert reaped.code == 0, reaped.err
@@ -282,7 +259,7 @@ async def test_a_call_stuck_in_the_database_is_listed_rehearsed_and_reaped(zombi
             [outcome] = result["outcomes"]
             assert outcome["id"] == zombie["id"] and outcome["action"] == action and outcome["done"] is True
             assert "Continue?" not in reaped.err
-            await eventually(lambda: not _still_stuck(node, call), message="the stuck query gone")
+            await eventually(lambda: not still_stuck(node, call), message="the stuck query gone")
             after = await cli("zombies", "--json", url=url)
             assert after.code == 0 and after.json["zombies"] == [], after.out
 
@@ -296,7 +273,7 @@ async def test_a_call_stuck_in_the_database_is_listed_rehearsed_and_reaped(zombi
             assert f"✓ stuck_query {me}/{call['id']}: end {me}'s stuck database call" in agreed.shown
             assert "Reaped 1 of 1 zombie: 1 action done, 0 failed, 0 not needed any more." in agreed.shown
             assert fits_80(agreed), agreed.out
-            await eventually(lambda: not _still_stuck(node, call), message="the second stuck query gone")
+            await eventually(lambda: not still_stuck(node, call), message="the second stuck query gone")
             assert (await cli("zombies", url=url)).code == 0
 
         # The topic serves on at its latest epoch.
