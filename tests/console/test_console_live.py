@@ -80,17 +80,22 @@ async def test_topic_detail_shows_rows_changing_live_with_the_change_highlighted
         await until(pilot, lambda: "items:2" not in app.backend.live, message="unsubscribed on leaving")
 
 
+async def _failover_modal(pilot, app: ConsoleApp) -> ActionModal:
+    """Open the topics view once items:1 is listed and press ``f``: the failover's confirmation."""
+    await until(pilot, lambda: app.backend.connected and app.can_act)
+    await pilot.press("2")
+    await until(pilot, lambda: topics_shown(app) == ["items:1"])
+    await pilot.press("f")
+    return await until(pilot, lambda: isinstance(app.screen, ActionModal) and app.screen)
+
+
 async def test_failover_through_the_confirmation_modal_moves_the_topic(console_node) -> None:
     async with connect(console_node.ws_url) as client:
         sub = Subscription(client, "items:1")
         first = await sub.next()
         app = ConsoleApp([console_node.base_url], OPERATOR)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.backend.connected and app.can_act)
-            await pilot.press("2")
-            await until(pilot, lambda: topics_shown(app) == ["items:1"])
-            await pilot.press("f")
-            modal = await until(pilot, lambda: isinstance(app.screen, ActionModal) and app.screen)
+            modal = await _failover_modal(pilot, app)
             what = text_of(modal.query_one("#dialog-what"))
             assert what.startswith(f"Fail over items:1 from node-1 (epoch {first['epoch']}) to "), what
             assert what.endswith("its clients get a resync."), what
@@ -116,11 +121,7 @@ async def test_cancel_does_nothing_and_errors_are_shown_not_raised(console_node)
         first = await sub.next()
         app = ConsoleApp([console_node.base_url], OPERATOR)
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.backend.connected and app.can_act)
-            await pilot.press("2")
-            await until(pilot, lambda: topics_shown(app) == ["items:1"])
-            await pilot.press("f")
-            await until(pilot, lambda: isinstance(app.screen, ActionModal))
+            await _failover_modal(pilot, app)
             await pilot.press("n")
             await until(pilot, lambda: isinstance(app.screen, TopicsScreen))
             # Drain the only node from the overview: its topic has nowhere to go and ends up ownerless.
