@@ -138,6 +138,9 @@ def bench(
     restart_runs: Optional[int] = typer.Option(None, "--restart-runs", help="failover: runs per restart delay (5)."),
     interval: Optional[float] = typer.Option(None, help="Feed poll interval in seconds (0.1; dbload 1)."),
     check_ttl: Optional[float] = typer.Option(None, "--check-ttl", help="failover: the nodes' Consul check TTL (3)."),
+    lock_delay: Optional[float] = typer.Option(
+        None, "--lock-delay", help="failover: the nodes' consul.lock_delay, seconds (0.5; 0 measures its cost)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (stable keys)."),
 ) -> None:
     """Measure subsys on this machine, against a baseline in the same run (each bench starts and stops all it needs)."""
@@ -148,7 +151,7 @@ def bench(
         changes=changes, subscribers=subscribers, rounds=rounds, client_procs=client_procs, event_loop=event_loop,
         clients=clients, topics=topics, window=window, batch_size=batch_size, kills=kills, kinds=kinds,
         fast_failover=fast_failover, restart_after=restart_after, restart_runs=restart_runs, interval=interval,
-        check_ttl=check_ttl,
+        check_ttl=check_ttl, lock_delay=lock_delay,
     )  # fmt: skip
     async def bench_until_stopped() -> dict:
         # SIGTERM unwinds like Ctrl-C (the main task is cancelled): every `async with` stops what it

@@ -74,6 +74,9 @@ async def run_bench(what: str, **options: Any) -> dict[str, Any]:
     check_ttl = params.get("check_ttl")
     if check_ttl is not None and not 2 <= check_ttl <= 3600:
         return {"bench": what, "error": "check_ttl must be between 2 and 3600 seconds (consul.check_ttl)"}
+    lock_delay = params.get("lock_delay")
+    if lock_delay is not None and not 0 <= lock_delay <= 60:
+        return {"bench": what, "error": "lock_delay must be between 0 and 60 seconds (consul.lock_delay)"}
     try:
         return await bench(**_accepted(bench, params))
     except (BenchError, ProcessError) as exc:

@@ -26,11 +26,12 @@ _SCHEMA = (
 )
 
 
-def cluster_spec(*, nodes: int, interval: float, check_ttl: float, **settings: dict[str, Any]) -> ClusterSpec:
+def cluster_spec(*, nodes: int, interval: float, check_ttl: float, lock_delay: float = LOCK_DELAY,
+                 **settings: dict[str, Any]) -> ClusterSpec:  # fmt: skip
     """``nodes`` nodes on a loopback Consul server; ``settings`` sections come on top (e.g. ``consul=...``)."""
     sections: dict[str, dict[str, Any]] = {
         "node": {"grace_period": 5.0},
-        "consul": {"check_ttl": float(check_ttl), "lock_delay": LOCK_DELAY},
+        "consul": {"check_ttl": float(check_ttl), "lock_delay": float(lock_delay)},
     }
     for name, values in settings.items():
         sections.setdefault(name, {}).update(values)

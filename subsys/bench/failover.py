@@ -23,6 +23,10 @@ Fault kinds, each ``kills`` times:
   same clock, from the call to the first resync, side by side with the
   faults; ``api_took`` is the API's own figure.
 
+``lock_delay`` sets the nodes' ``consul.lock_delay`` (0.5 s by default): the
+wait Consul imposes before a key whose session was invalidated can be taken
+again, part of every failover; ``--lock-delay 0`` measures what it costs.
+
 ``restart_after`` (the defects issue): SIGKILL, then a restart of the same
 node id ``d`` seconds after the kill, for d in e.g. 0, 1, TTL/2, TTL,
 ``restart_runs`` times each.
@@ -94,6 +98,7 @@ async def bench_failover(
     fast_failover: str = "both",
     restart_after: str = "0,1,ttl/2,ttl",
     restart_runs: int = 5,
+    lock_delay: float = LOCK_DELAY,
     **_: Any,
 ) -> dict[str, Any]:
     kills, restart_runs = max(0, int(kills)), max(0, int(restart_runs))
@@ -103,13 +108,14 @@ async def bench_failover(
         raise BenchError(f"unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     modes = _modes(fast_failover)
     delays = parse_delays(restart_after, check_ttl) if restart_runs else []
-    bound = 3 * check_ttl + LOCK_DELAY + 20  # no resync by then: a timeout
+    bound = 3 * check_ttl + lock_delay + 20  # no resync by then: a timeout
     started = time.monotonic()
     times: dict[str, list[float]] = {}
     api_times: dict[str, list[float]] = {}  # forced failovers: the admin API's own "took"
     timeouts: dict[str, int] = {}
     progress("starting PostgreSQL, Consul and three nodes")
-    spec = cluster_spec(nodes=3, interval=interval, check_ttl=check_ttl, consul={"fast_failover": modes[0]})
+    spec = cluster_spec(nodes=3, interval=interval, check_ttl=check_ttl, lock_delay=lock_delay,
+                        consul={"fast_failover": modes[0]})  # fmt: skip
     async with LocalCluster(spec) as cluster:
         for index, mode in enumerate(modes):
             label = "fast" if mode else "slow"
@@ -160,7 +166,7 @@ async def bench_failover(
         "kinds": chosen,
         "restart_runs": restart_runs if delays else 0,
         "check_ttl_s": float(check_ttl),
-        "lock_delay_s": LOCK_DELAY,
+        "lock_delay_s": float(lock_delay),
         "interval_s": interval,
         "results": results,
         "duration_s": round(time.monotonic() - started, 1),

@@ -141,7 +141,8 @@ async def test_bench_failover_kinds_small() -> None:
 @pytest.mark.consul
 @pytest.mark.timeout(120)
 async def test_bench_failover_both_modes_small() -> None:
-    result = await _run_small("failover", kills=1, kinds="kill", restart_after="none", check_ttl=2.0)
+    result = await _run_small("failover", kills=1, kinds="kill", restart_after="none", check_ttl=2.0, lock_delay=0)
+    assert result["lock_delay_s"] == 0.0  # consul.lock_delay reaches the nodes' sessions; 0 is a valid delay
     rows = result["results"]
     assert rows["kill.fast"]["fast_failover"] is True and rows["kill.slow"]["fast_failover"] is False
     assert rows["kill.fast"]["n"] == rows["kill.slow"]["n"] == 1
@@ -160,6 +161,8 @@ async def test_bench_failover_delays() -> None:
 async def test_bench_rejects_a_check_ttl_consul_would_refuse() -> None:
     result = await run_bench("failover", kills=1, check_ttl=1.0)
     assert "check_ttl" in result["error"]
+    result = await run_bench("failover", kills=1, lock_delay=61)
+    assert "lock_delay" in result["error"]
 
 
 async def test_bench_unknown() -> None:
