@@ -27,7 +27,7 @@ _SCHEMA = (
 
 
 def cluster_spec(*, nodes: int, interval: float, check_ttl: float, lock_delay: float = LOCK_DELAY,
-                 **settings: dict[str, Any]) -> ClusterSpec:  # fmt: skip
+                 log_level: str = "WARNING", **settings: dict[str, Any]) -> ClusterSpec:  # fmt: skip
     """``nodes`` nodes on a loopback Consul server; ``settings`` sections come on top (e.g. ``consul=...``)."""
     sections: dict[str, dict[str, Any]] = {
         "node": {"grace_period": 5.0},
@@ -42,7 +42,7 @@ def cluster_spec(*, nodes: int, interval: float, check_ttl: float, lock_delay: f
         schema=_SCHEMA,
         settings=sections,
         node_names=tuple(f"b{i + 1}" for i in range(nodes)),
-        log_level="WARNING",
+        log_level=log_level,
     )  # fmt: skip
 
 

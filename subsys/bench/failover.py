@@ -34,19 +34,22 @@ node id ``d`` seconds after the kill, for d in e.g. 0, 1, TTL/2, TTL,
 Every kind runs with ``consul.fast_failover = true`` and ``false`` in the
 same invocation (the nodes are restarted on the rewritten config between
 the two), so ``ratio.<kind>`` (fast / slow) shows the gain. A round that sees
-no resync within its bound counts as a timeout, not as a figure.
+no resync within its bound counts as a timeout, not as a figure; a round
+whose fault could not be made (a forced failover the API refused) is listed
+under ``failed`` with the error and a file holding the nodes' logs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import tempfile
 import time
 from typing import Any
 
 from subsys.bench.cluster import LOCK_DELAY, cluster_spec, wait_for
 from subsys.bench.support import BenchError, progress, ratio, reconfigure, summarize_s
-from subsys.client.admin import AdminClient
+from subsys.client.admin import AdminClient, AdminError
 from subsys.client.ws import connect
 from subsys.testing.cluster import LocalCluster
 from subsys.testing.nodes import NodeProcess
@@ -113,8 +116,10 @@ async def bench_failover(
     times: dict[str, list[float]] = {}
     api_times: dict[str, list[float]] = {}  # forced failovers: the admin API's own "took"
     timeouts: dict[str, int] = {}
+    failures: dict[str, list[dict[str, str]]] = {}  # rounds whose fault could not be made (the API call failed)
     progress("starting PostgreSQL, Consul and three nodes")
-    spec = cluster_spec(nodes=3, interval=interval, check_ttl=check_ttl, lock_delay=lock_delay,
+    # INFO: a failed round's logs then show each node's ownership changes (a few lines per round)
+    spec = cluster_spec(nodes=3, interval=interval, check_ttl=check_ttl, lock_delay=lock_delay, log_level="INFO",
                         consul={"fast_failover": modes[0]})  # fmt: skip
     async with LocalCluster(spec) as cluster:
         for index, mode in enumerate(modes):
@@ -129,7 +134,12 @@ async def bench_failover(
                 times[key], timeouts[key] = [], 0
                 for run in range(runs):
                     progress(f"{key}: {run + 1} of {runs}")
-                    elapsed = await _round(cluster, kind, delay=delay, bound=bound, api_took=api_times.setdefault(key, []))
+                    try:
+                        elapsed = await _round(cluster, kind, delay=delay, bound=bound,
+                                               api_took=api_times.setdefault(key, []))  # fmt: skip
+                    except _RoundFailed as exc:
+                        failures.setdefault(key, []).append(exc.record(cluster))
+                        continue
                     if elapsed is None:
                         timeouts[key] += 1
                     else:
@@ -148,6 +158,7 @@ async def bench_failover(
                     **({"restart_after_s": delay_of[name]} if name in delay_of else {}),
                     **summarize_s(times[key]),
                     "timeouts": timeouts[key],
+                    **({"failed": failures[key]} if key in failures else {}),
                     **({"api_took": summarize_s(api_times[key])} if api_times.get(key) else {}),
                 }
         fast, slow = results.get(f"{name}.fast"), results.get(f"{name}.slow")
@@ -171,6 +182,16 @@ async def bench_failover(
         "results": results,
         "duration_s": round(time.monotonic() - started, 1),
     }
+
+
+class _RoundFailed(Exception):
+    """The round's fault could not be made; recorded with the nodes' logs, and the bench goes on."""
+
+    def record(self, cluster: LocalCluster) -> dict[str, str]:
+        with tempfile.NamedTemporaryFile("w", prefix="subsys-bench-failover-", suffix=".log", delete=False) as out:
+            out.write(cluster.logs(200_000))
+        progress(f"a round failed: {self}; the nodes' logs: {out.name}")
+        return {"error": str(self), "logs": out.name}
 
 
 async def _restart(victim: NodeProcess, *, at: float) -> None:
@@ -239,9 +260,13 @@ async def _round(
         faulted_at = time.monotonic()
         fault.append((faulted_at, owner.epoch))
         if kind == "forced":
-            async with AdminClient(nodes[next(n for n in nodes if n != victim.name)].url,
-                                   token=cluster.admin_token) as admin:  # fmt: skip
-                moved = await admin.failover(TOPIC)
+            asked = next(n for n in nodes if n != victim.name)
+            try:
+                async with AdminClient(nodes[asked].url, token=cluster.admin_token) as admin:
+                    moved = await admin.failover(TOPIC)
+            except AdminError as exc:
+                raise _RoundFailed(f"POST {TOPIC}/failover to {asked} (owner {victim.name}, epoch {owner.epoch}) "
+                                   f"failed after {time.monotonic() - faulted_at:.1f}s: {exc.code}: {exc.message}")
             api_took.append(moved.took_ms / 1000)
         elif kind == "stop":
             victim.signal(signal.SIGSTOP)
