@@ -21,9 +21,10 @@ runs against both implementations.
 from __future__ import annotations
 
 import abc
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
+
+from subsys.core.changes import ChangeSignal
 
 __all__ = [
     "OwnerRecord",
@@ -143,8 +144,7 @@ class Coordinator(abc.ABC):
         self.address = address
         self.incarnation = incarnation
         self.view = ClusterView()
-        self.generation = 0
-        self._changed = asyncio.Condition()
+        self._changed = ChangeSignal()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -231,17 +231,14 @@ class Coordinator(abc.ABC):
 
     # -- change signal -----------------------------------------------------
 
+    @property
+    def generation(self) -> int:
+        """Goes up on every change of the view or of this node's standing (fenced, session lost)."""
+        return self._changed.count
+
     async def _notify(self) -> None:
-        async with self._changed:
-            self.generation += 1
-            self._changed.notify_all()
+        self._changed.notify()
 
     async def wait_changed(self, seen: int, timeout: float) -> int:
-        """Wait until ``generation`` moves past ``seen`` (or timeout); return it."""
-        async with self._changed:
-            if self.generation == seen:
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-            return self.generation
+        """Wait until ``generation`` moves past ``seen`` (or timeout); return it. Safe to cancel."""
+        return await self._changed.wait(seen, timeout)

@@ -18,6 +18,7 @@ import time
 from typing import Any, AsyncIterator
 
 from subsys.core import admin as api
+from subsys.core.changes import ChangeSignal
 from subsys.node.node import Node
 
 __all__ = ["EventHub"]
@@ -50,7 +51,7 @@ class EventHub:
         self.node = node
         self._ring: collections.deque[api.Event] = collections.deque(maxlen=RING)
         self._count = 0
-        self._changed = asyncio.Condition()
+        self._changed = ChangeSignal()
         self._closed = False
         self.streams = 0  # open event streams (clients reading)
         self._owners = _owners(node)
@@ -70,8 +71,7 @@ class EventHub:
     async def _emit(self, kind: str, data: dict[str, Any]) -> None:
         self._count += 1
         self._ring.append(api.Event(id=self.cursor, type=kind, at=time.time(), data=data))
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed.notify()
 
     async def run(self) -> None:
         """Turn view changes into events until cancelled."""
@@ -104,8 +104,7 @@ class EventHub:
 
     async def close(self) -> None:
         self._closed = True
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed.notify()
 
     async def stream(self, after: str | None) -> AsyncIterator[api.Event]:
         """Events after cursor ``after`` (replayed from the ring), or a snapshot first."""
@@ -117,24 +116,24 @@ class EventHub:
             self.streams -= 1
 
     async def _stream(self, after: str | None) -> AsyncIterator[api.Event]:
+        # ``position``: the number of the last event this stream has (a snapshot has them all). It is
+        # taken before each yield: events emitted while the reader is busy come in the next pass.
         position = self._position(after)
         if position is None:
-            yield self.snapshot()
             position = self._count
+            yield self.snapshot()
         while not self._closed:
+            seen = self._changed.count
             first = self._count - len(self._ring) + 1  # the number of the oldest event in the ring
             if position + 1 < first:  # fell behind the ring: start over
-                yield self.snapshot()
                 position = self._count
+                yield self.snapshot()
+                continue
             for event in list(self._ring)[max(0, position + 1 - first):]:
+                position += 1
                 yield event
-            position = self._count
-            async with self._changed:
-                if self._count == position and not self._closed:
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), 15.0)
-                    except asyncio.TimeoutError:
-                        pass
+            if position == self._count and not self._closed:
+                await self._changed.wait(seen, 15.0)
 
     def _position(self, after: str | None) -> int | None:
         if not after:
