@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, cast
 
 from textual.app import ComposeResult
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer
 
@@ -16,11 +18,30 @@ if TYPE_CHECKING:
     from ..backend import Backend
     from ..fmt import Formatter
 
-__all__ = ["ConsoleScreen", "MUTATING"]
+__all__ = ["ConsoleScreen", "MUTATING", "while_shown"]
 
 # Actions that change the cluster (and the zombie marks and dry run that only serve a reap, which
 # need an operator token too): hidden and inert in read-only mode.
 MUTATING = frozenset({"failover", "failover_to", "drain", "undrain", "reap", "reap_dry_run", "mark", "mark_all"})
+
+
+def while_shown(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """For a screen's worker: a screen closed while its call was out has no widgets left to fill.
+
+    Popping a screen removes its widgets before its workers are cancelled, so the worker's
+    ``query_one`` finds nothing: the work is moot, not an error. A screen still shown re-raises.
+    """
+
+    @functools.wraps(method)
+    async def run(self: ConsoleScreen, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(self, *args, **kwargs)
+        except NoMatches:
+            if self.is_attached and self.app.screen is self:
+                raise
+            return None
+
+    return run
 
 
 class ConsoleScreen(Screen):

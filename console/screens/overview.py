@@ -16,7 +16,7 @@ from subsys.core import admin as api
 
 from ..widgets.events import EventTable
 from ..widgets.table import Col, InPlaceTable
-from .base import ConsoleScreen
+from .base import ConsoleScreen, while_shown
 
 __all__ = ["OverviewScreen"]
 
@@ -58,6 +58,7 @@ class OverviewScreen(ConsoleScreen):
         self.events_arrived()
 
     @work(exclusive=True, group="overview")
+    @while_shown
     async def load(self) -> None:
         try:
             summary, nodes = await asyncio.gather(self.backend.cluster(), self.backend.node_list())

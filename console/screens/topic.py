@@ -23,7 +23,7 @@ from subsys.core import admin as api
 
 from ..widgets.rows import LiveRows
 from ..widgets.table import Col, InPlaceTable
-from .base import ConsoleScreen
+from .base import ConsoleScreen, while_shown
 from .topics import STATE_STYLE
 
 __all__ = ["TopicScreen"]
@@ -82,6 +82,7 @@ class TopicScreen(ConsoleScreen):
     # -- the API's view ---------------------------------------------------------------------
 
     @work(exclusive=True, group="topic")
+    @while_shown
     async def load(self) -> None:
         try:
             detail = await self.backend.topic(self.topic)

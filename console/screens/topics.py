@@ -22,7 +22,7 @@ from subsys.client.admin import AdminError
 from subsys.core import admin as api
 
 from ..widgets.table import Col, PagedTable
-from .base import ConsoleScreen
+from .base import ConsoleScreen, while_shown
 
 __all__ = ["TopicsScreen", "Filters", "STATE_STYLE"]
 
@@ -123,6 +123,7 @@ class TopicsScreen(ConsoleScreen):
     # -- data --------------------------------------------------------------------------------
 
     @work(exclusive=True, group="topics")
+    @while_shown
     async def load(self) -> None:
         asked = time.monotonic()
         try:

@@ -32,7 +32,7 @@ from subsys.core import admin as api
 
 from ..widgets.table import Col, InPlaceTable
 from ..zombie_text import action_text, evidence_lines, janitor_cell, reap_summary, short_id
-from .base import ConsoleScreen
+from .base import ConsoleScreen, while_shown
 from .modals import ActionModal
 
 __all__ = ["ZombiesScreen", "COLUMNS"]
@@ -92,6 +92,7 @@ class ZombiesScreen(ConsoleScreen):
         super().refresh_data(force)
 
     @work(exclusive=True, group="zombies")
+    @while_shown
     async def load(self) -> None:
         asked = time.monotonic()
         try:
