@@ -211,6 +211,22 @@ class Writer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    async def _read_back(self, rid: int) -> Any:
+        """The row's value, on a fresh connection, retried until the server answers.
+
+        A restarting server can take a connection and drop it again: a failure here must not
+        end the writer (it did: every later round then timed out waiting for its changes).
+        """
+        while True:
+            with contextlib.suppress(Exception):
+                if self.conn is not None:
+                    self.conn.terminate()
+            self.conn = await self._connect()
+            try:
+                return await self.conn.fetchval("select v from chaos_rows where id = $1", rid, timeout=10)
+            except (*_DOUBT, asyncpg.PostgresError):
+                await asyncio.sleep(0.1)
+
     async def _apply(self, kind: str, topic: int, rid: int, value: int | None) -> None:
         assert self.conn is not None
         if kind == "update":
@@ -229,10 +245,7 @@ class Writer:
         except _DOUBT:
             # Committed or not? Only this writer writes: read the row back once connected.
             self.doubtful += 1
-            with contextlib.suppress(Exception):
-                self.conn.terminate()
-            self.conn = await self._connect()
-            now = await self.conn.fetchval("select v from chaos_rows where id = $1", rid)
+            now = await self._read_back(rid)
             if now == value:
                 self.history.record(topic, rid, value)
             elif now != self.history.current(rid):

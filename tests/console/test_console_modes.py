@@ -24,6 +24,15 @@ def footer_labels(app: ConsoleApp) -> list[str]:
     return [str(key.description) for key in app.screen.query("FooterKey")]
 
 
+async def _footer_settles(pilot, app: ConsoleApp, label: str, shown: bool) -> None:
+    """The footer is recomposed when the bindings change (it has no keys for a moment): wait for it."""
+    await until(pilot, lambda: bool(footer_labels(app)), message="the footer's keys")
+    if shown:
+        await until(pilot, lambda: label in footer_labels(app), message=f"{label} in the footer")
+    else:
+        assert label not in footer_labels(app), footer_labels(app)
+
+
 async def palette_offers(pilot, app: ConsoleApp, typed: str) -> list[str]:
     await pilot.press("ctrl+p")
     palette = await until(pilot, lambda: isinstance(app.screen, CommandPalette) and app.screen)
@@ -50,11 +59,11 @@ async def test_read_only_consoles_offer_no_action(console_node, how: str) -> Non
             assert app.can_act is acting and app.read_only is not acting
             assert app.screen.query_one("#badge").display is not acting, "the READ-ONLY badge"
             await until(pilot, lambda: app.screen.query_one("#nodes").keys == ["node-1"])
-            assert ("Drain" in footer_labels(app)) is acting, footer_labels(app)
+            await _footer_settles(pilot, app, "Drain", acting)
             await pilot.press("2")
             await until(pilot, lambda: isinstance(app.screen, TopicsScreen) and
                         app.screen.query_one("#topics", PagedTable).keys == ["items:1"])  # fmt: skip
-            assert ("Failover" in footer_labels(app)) is acting, footer_labels(app)
+            await _footer_settles(pilot, app, "Failover", acting)
             offered = await palette_offers(pilot, app, "Fail")
             assert any("Fail over items:1" in o for o in offered) is acting, offered
             offered = await palette_offers(pilot, app, "Drain")
