@@ -144,7 +144,11 @@ async def peer_handler(request: web.Request) -> web.StreamResponse:
             {"error": {"code": "unauthorized", "message": "peer link needs the cluster secret"}}, status=401
         )
     ws = web.WebSocketResponse(heartbeat=5.0, max_msg_size=1024 * 1024)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionResetError:  # the peer went away during the handshake (it is stopping): no link, no error
+        log.info("peer link from %s closed during its handshake", peer_node)
+        return ws
     links = request.app[PEERS]
     conn = PeerConnection(ws=ws, node=node, peer_node=peer_node)
     links.inbound.add(conn)

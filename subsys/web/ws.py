@@ -265,7 +265,10 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         # max_msg_size, hence the +1: a frame of exactly 4x is still answered.
         max_msg_size=limits.max_frame_bytes * 4 + 1,
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionResetError:  # the client left during the handshake (a closed tab): nothing to serve
+        return ws
     conn = ClientConnection(ws=ws, node=node, limits=limits, peer=request.remote or "?", request=request)
     node.clients.add(conn)
     conn.outbox.control(
