@@ -218,16 +218,21 @@ async def test_drain_moves_everything_refuses_new_clients_and_undrain_ends_it(ad
             await admin.drain("no-such-node")
 
 
+def _collect_events(admin: AdminClient, cursor: str | None = None) -> tuple[asyncio.Task, list]:
+    """Read the event stream (after ``cursor``) into a list, in a task the test cancels."""
+    events: list = []
+
+    async def read() -> None:
+        async for event in admin.events(cursor=cursor):
+            events.append(event)
+
+    return asyncio.create_task(read()), events
+
+
 async def test_events_start_with_a_snapshot_then_follow_ownership(admin_node) -> None:
     node, _checked = admin_node
-    seen: list = []
     async with AdminClient(node.base_url, token=OPERATOR) as admin:
-
-        async def read() -> None:
-            async for event in admin.events():
-                seen.append(event)
-
-        reader = asyncio.create_task(read())
+        reader, seen = _collect_events(admin)
         await eventually(lambda: seen, message="the snapshot")
         assert seen[0].type == "snapshot" and node.node_id in seen[0].data["nodes"]
         async with connect(node.ws_url) as client:
@@ -239,13 +244,7 @@ async def test_events_start_with_a_snapshot_then_follow_ownership(admin_node) ->
             await sub.stop()
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        resumed: list = []
-
-        async def resume() -> None:
-            async for event in admin.events(cursor=cursor):
-                resumed.append(event)
-
-        again = asyncio.create_task(resume())
+        again, resumed = _collect_events(admin, cursor=cursor)
         await eventually(lambda: any(e.type == "presence" for e in resumed), timeout=20,
                          message="resumed after the cursor, no snapshot")  # fmt: skip
         assert resumed[0].type != "snapshot"
@@ -256,14 +255,8 @@ async def test_events_start_with_a_snapshot_then_follow_ownership(admin_node) ->
 async def test_a_client_that_leaves_the_event_stream_ends_it_quietly(admin_node, caplog) -> None:
     """A console that closes is no error: the next event ends its stream, with nothing logged."""
     node, _checked = admin_node
-    seen: list = []
     async with AdminClient(node.base_url, token=OPERATOR) as admin:
-
-        async def read() -> None:
-            async for event in admin.events():
-                seen.append(event)
-
-        reader = asyncio.create_task(read())
+        reader, seen = _collect_events(admin)
         await eventually(lambda: seen, message="the snapshot")
         streams = node.app[EVENTS].streams
         reader.cancel()
