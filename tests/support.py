@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 import uuid
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+from aiohttp import web
 
 from subsys.client.ws import Client, TopicView
 from subsys.testing.nodes import to_toml  # noqa: F401  (conftest imports it from here)
@@ -417,3 +419,36 @@ async def stuck_call(node: Any, topic: str, epoch: int) -> dict[str, Any]:
 
 def still_stuck(node: Any, call: dict[str, Any]) -> bool:
     return any(q["id"] == call["id"] for q in node.node.stuck_queries())
+
+
+async def leave_mid_handshake(monkeypatch, port: int, path: str, headers: dict[str, str] | None = None) -> None:
+    """Start a WebSocket handshake on an in-process node and reset the connection mid-way.
+
+    The node's side of the handshake (``WebSocketResponse.prepare``, the real one) is held
+    until the reset has reached it: the order a busy node sees it in, made certain.
+    Returns once the node has finished with that request.
+    """
+    original = web.WebSocketResponse.prepare
+    done: list[str] = []
+
+    async def prepare_after_the_client_left(self, request):
+        await eventually(lambda: request.transport is None or request.transport.is_closing(), timeout=10)
+        try:
+            return await original(self, request)
+        finally:
+            done.append(request.path)
+
+    monkeypatch.setattr(web.WebSocketResponse, "prepare", prepare_after_the_client_left)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+    )  # fmt: skip
+    await writer.drain()
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+    writer.transport.abort()
+    await eventually(lambda: done == [path], timeout=10)
+    await asyncio.sleep(0.2)  # aiohttp finishes the response after the handler returns
+    monkeypatch.setattr(web.WebSocketResponse, "prepare", original)

@@ -164,6 +164,16 @@ _DOUBT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyn
           asyncpg.CannotConnectNowError, asyncio.TimeoutError)  # fmt: skip
 
 
+def _note_unexpected(exc: BaseException) -> None:
+    """A failure outside the usual connection errors is logged once per type: the next run names it."""
+    if not isinstance(exc, _DOUBT) and type(exc) not in _UNEXPECTED_SEEN:
+        _UNEXPECTED_SEEN.add(type(exc))
+        log.warning("writer: unexpected %r (treated as a lost connection)", exc, exc_info=exc)
+
+
+_UNEXPECTED_SEEN: set[type] = set()
+
+
 class Writer:
     """Changes rows at ``rate`` per second, one transaction per change, and records each commit."""
 
@@ -176,6 +186,9 @@ class Writer:
         self.errors = 0
         self.doubtful = 0  # changes whose commit had to be read back
         self._marking: asyncio.Future | None = None
+        # What the writer is doing, and why it stopped: a round whose changes never come names it.
+        self.step = "not started"
+        self.failure: BaseException | None = None
 
     async def seed_rows(self) -> None:
         conn = await asyncpg.connect(self.url)
@@ -206,8 +219,9 @@ class Writer:
         delay = 0.1
         while True:
             try:
-                return await asyncpg.connect(self.url, timeout=5)
-            except (*_DOUBT, asyncpg.PostgresError):
+                return await asyncio.wait_for(asyncpg.connect(self.url, timeout=5), 10)
+            except Exception as exc:  # the server is away: anything but "try again" would end the writer
+                _note_unexpected(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
@@ -223,8 +237,9 @@ class Writer:
                     self.conn.terminate()
             self.conn = await self._connect()
             try:
-                return await self.conn.fetchval("select v from chaos_rows where id = $1", rid, timeout=10)
-            except (*_DOUBT, asyncpg.PostgresError):
+                return await asyncio.wait_for(self.conn.fetchval("select v from chaos_rows where id = $1", rid), 10)
+            except Exception as exc:
+                _note_unexpected(exc)
                 await asyncio.sleep(0.1)
 
     async def _apply(self, kind: str, topic: int, rid: int, value: int | None) -> None:
@@ -239,20 +254,27 @@ class Writer:
 
     async def _change(self, kind: str, topic: int, rid: int, value: int | None) -> None:
         if self.conn is None or self.conn.is_closed():
+            self.step = "connecting"
             self.conn = await self._connect()
         try:
-            await self._apply(kind, topic, rid, value)
-        except _DOUBT:
-            # Committed or not? Only this writer writes: read the row back once connected.
+            self.step = f"{kind} of row {rid}"
+            # asyncpg's own timeout is not trusted to fire on a connection the server dropped.
+            await asyncio.wait_for(self._apply(kind, topic, rid, value), 15)
+        except Exception as exc:
+            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _DOUBT):
+                self.errors += 1  # the server refused it: not committed
+                log.debug("writer: %r", exc)
+                return
+            # Any other failure leaves the commit in doubt. Only this writer writes: read the
+            # row back once connected.
+            _note_unexpected(exc)
             self.doubtful += 1
+            self.step = f"reading back row {rid}"
             now = await self._read_back(rid)
             if now == value:
                 self.history.record(topic, rid, value)
             elif now != self.history.current(rid):
-                raise RuntimeError(f"row {rid} has v={now}, neither {value} nor the recorded value")
-        except asyncpg.PostgresError as exc:  # the server refused it: not committed
-            self.errors += 1
-            log.debug("writer: %r", exc)
+                raise RuntimeError(f"row {rid} has v={now}, neither {value} nor the recorded value") from exc
         else:
             self.history.record(topic, rid, value)
 
@@ -270,6 +292,7 @@ class Writer:
         try:
             while True:
                 if self.paused.is_set():
+                    self.step = "paused"
                     self.idle.set()
                     while self.paused.is_set():
                         await asyncio.sleep(0.05)
@@ -283,7 +306,12 @@ class Writer:
                         marking.set_result(self.history.k)
                     continue
                 await self._change(*self._next_change())
+                self.step = "sleeping"
                 await asyncio.sleep(period)
+        except Exception as exc:
+            self.failure = exc
+            log.exception("writer: stopped")
+            raise
         finally:
             if self.conn is not None:
                 self.conn.terminate()
@@ -294,3 +322,9 @@ class Writer:
 
     def resume(self) -> None:
         self.paused.clear()
+
+    def state(self) -> str:
+        """Where the writer is, for a round's notes: its step, or the error that stopped it."""
+        if self.failure is not None:
+            return f"stopped by {self.failure!r}"
+        return f"busy: {self.step}"

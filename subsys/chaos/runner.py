@@ -171,7 +171,7 @@ class ChaosRun:
             record.k_end = await self.writer.mark(timeout=b.convergence)
         except asyncio.TimeoutError:
             record.k_end = self.history.k
-            record.notes.append("the writer could not change every topic after the fault")
+            record.notes.append(f"the writer could not change every topic after the fault ({self.writer.state()})")
         converging_from = time.monotonic()
         converging = asyncio.create_task(probes.wait_for(lambda: self.pool.caught_up(record.k_end), 2 * b.convergence))
         clearing = asyncio.create_task(
@@ -243,7 +243,7 @@ class ChaosRun:
         try:
             await self.writer.pause()
         except asyncio.TimeoutError:
-            self.inv.check("quiescent_equal", False, None, round=record.round, why="the writer did not pause")
+            self.inv.check("quiescent_equal", False, None, round=record.round, why=f"the writer did not pause ({self.writer.state()})")
             self.writer.resume()
             return
         try:

@@ -8,7 +8,25 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-__all__ = ["peer_headers", "authorised", "refuses"]
+__all__ = ["peer_headers", "authorised", "refuses", "open_websocket", "departed"]
+
+
+async def open_websocket(ws: web.WebSocketResponse, request: web.Request) -> bool:
+    """Complete the handshake; False when the other side left during it (a closed tab, a stopping peer)."""
+    try:
+        await ws.prepare(request)
+    except ConnectionResetError:
+        return False
+    return True
+
+
+def departed() -> web.Response:
+    """What a handler returns after :func:`open_websocket` failed.
+
+    Never the unprepared ``WebSocketResponse``: aiohttp would then try to close it and log
+    a traceback. Nothing is written (the connection is gone); 499 is for the access log.
+    """
+    return web.Response(status=499, text="closed during the WebSocket handshake")
 
 
 def peer_headers(secret: str, node_id: str) -> dict[str, str]:

@@ -40,7 +40,7 @@ from subsys.logs import RepeatedLog
 from subsys.node.node import Node
 from subsys.node.stream import TopicStream
 from subsys.web.appkeys import NODE, PEERS
-from subsys.web._net import authorised, peer_headers, refuses
+from subsys.web._net import authorised, departed, open_websocket, peer_headers, refuses
 from subsys.web.outbox import Outbox, SendFailed
 from subsys.web.ws import send_text
 
@@ -144,11 +144,9 @@ async def peer_handler(request: web.Request) -> web.StreamResponse:
             {"error": {"code": "unauthorized", "message": "peer link needs the cluster secret"}}, status=401
         )
     ws = web.WebSocketResponse(heartbeat=5.0, max_msg_size=1024 * 1024)
-    try:
-        await ws.prepare(request)
-    except ConnectionResetError:  # the peer went away during the handshake (it is stopping): no link, no error
+    if not await open_websocket(ws, request):
         log.info("peer link from %s closed during its handshake", peer_node)
-        return ws
+        return departed()
     links = request.app[PEERS]
     conn = PeerConnection(ws=ws, node=node, peer_node=peer_node)
     links.inbound.add(conn)

@@ -25,6 +25,7 @@ from subsys.core.protocol import (
 from subsys.logs import RepeatedLog
 from subsys.node.node import Node
 from subsys.web.appkeys import NODE
+from subsys.web._net import departed, open_websocket
 from subsys.web.outbox import Outbox, SendFailed
 
 __all__ = [
@@ -265,10 +266,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         # max_msg_size, hence the +1: a frame of exactly 4x is still answered.
         max_msg_size=limits.max_frame_bytes * 4 + 1,
     )
-    try:
-        await ws.prepare(request)
-    except ConnectionResetError:  # the client left during the handshake (a closed tab): nothing to serve
-        return ws
+    if not await open_websocket(ws, request):
+        return departed()
     conn = ClientConnection(ws=ws, node=node, limits=limits, peer=request.remote or "?", request=request)
     node.clients.add(conn)
     conn.outbox.control(

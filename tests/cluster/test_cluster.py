@@ -7,6 +7,7 @@ execution with the polling node's ``application_name`` (``subsys:<node>``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 import uuid
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 
 from conftest import CHECK_TTL, GRACE, INTERVAL, ItemsCluster
-from support import Watcher, db_execute, eventually
+from support import Watcher, db_execute, eventually, leave_mid_handshake
 
 pytestmark = pytest.mark.consul
 
@@ -231,3 +232,24 @@ async def test_drain_hands_topics_over_and_keeps_serving(consul, start_node, ite
         await eventually(lambda w=watcher: w.value_of(1) == 5, timeout=30)
         assert not watcher.epoch_regressions
         await watcher.stop()
+
+
+async def test_a_peer_that_leaves_during_the_handshake_is_a_departure_not_a_traceback(
+    consul, start_node, items_db, monkeypatch, caplog
+) -> None:
+    """A stopping node may drop its peer link mid-handshake: no traceback (one was counted as a crash)."""
+    caplog.set_level(logging.INFO)
+    sections = {
+        "consul": {"address": consul.servers[0].http_addr, "prefix": f"h{uuid.uuid4().hex[:8]}/", "check_ttl": CHECK_TTL},
+        "secrets": {"cluster_secret": SECRET},
+    }
+    feeds = {"items": {"sql": "select * from poll_items($1)", "key": ["id"], "param": "int", "interval": INTERVAL}}
+    node = await start_node(feeds, database_url=items_db, **sections)
+    await leave_mid_handshake(
+        monkeypatch, node.port, "/internal/peer", {"Authorization": f"Bearer {SECRET}", "X-Subsys-Node": "leaver"}
+    )
+    assert "closed during its handshake" in caplog.text
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.exc_info], caplog.text
+    watcher = Watcher(node.ws_url)
+    await watcher.ready()
+    await watcher.stop()

@@ -16,7 +16,7 @@ import pytest
 
 from subsys.core.protocol import MAX_NESTING
 
-from support import RawClient, db_execute, eventually
+from support import RawClient, db_execute, eventually, leave_mid_handshake
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -293,3 +293,15 @@ async def test_a_subscriber_to_a_failing_topic_gets_no_snapshot_until_recovery(n
         assert data == ["subscribed:", "status:error", "status:ok", "snapshot:"], data
     finally:
         await first.close()
+
+
+
+async def test_a_client_that_leaves_during_the_handshake_is_a_departure_not_a_traceback(node, monkeypatch) -> None:
+    """Rule: a client (a closed tab) may leave at any time, even mid-handshake; the node logs no
+    traceback (``no_errors_logged``) and goes on serving."""
+    await leave_mid_handshake(monkeypatch, node.port, "/ws")
+    raw = await RawClient.connect(node.ws_url)
+    try:
+        assert (await raw.recv())["type"] == "hello"
+    finally:
+        await raw.close()
