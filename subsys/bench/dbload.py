@@ -27,6 +27,11 @@ out; the plain delta is given too. The bench's own sampling statements
 autovacuum. Error: about +-1/window of the rate for the delta, less for
 the slope.
 
+``feed_statements_per_s`` is the node's own count of the feed statements it
+sent (``subsys_statements`` in ``/metrics``), without its zombie scans and
+health checks, which ``xact_commit`` includes (one scan statement every
+``node.zombie_interval``, 5 s by default).
+
 CPU% (of one core) over the window, from /proc (see ``support.cpu_seconds``):
 the node process or the baseline poller process; the PostgreSQL backends
 serving it (found by ``application_name`` at the window's start); and all of
@@ -38,9 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from typing import Any
 
+import aiohttp
 import asyncpg
 import psutil
 
@@ -71,11 +78,23 @@ def _postgres_pids(postmaster: int | None) -> list[int]:
         return []
 
 
+async def _node_statements(node: NodeProcess | None) -> float | None:
+    """The node's own count of the statements it sent (``subsys_statements`` in /metrics)."""
+    if node is None:
+        return None
+    async with aiohttp.ClientSession() as session:
+        async with session.get(node.url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            text = await resp.text()
+    return sum(float(m.group(1)) for m in re.finditer(r"^subsys_statements_total\{[^}]*\} (\S+)$", text, re.M))
+
+
 async def _window(
-    conn: asyncpg.Connection, *, seconds: float, process_pid: int, app: str, postmaster: int | None
+    conn: asyncpg.Connection, *, seconds: float, process_pid: int, app: str, postmaster: int | None,
+    node: NodeProcess | None = None,
 ) -> dict[str, Any]:
     """Sample xact_commit once a second for ``seconds``; CPU of the process, its backends and PostgreSQL."""
     backends = await _backend_pids(conn, app)
+    counted0 = await _node_statements(node)
     pg_all = _postgres_pids(postmaster)
     samples: list[tuple[float, int]] = []
     started = time.monotonic()
@@ -89,11 +108,14 @@ async def _window(
         samples.append((time.monotonic() - started, int(count)))
     wall = time.monotonic() - started
     cpu1 = (cpu_seconds(process_pid), cpu_seconds(*backends), cpu_seconds(*pg_all))
+    counted1 = await _node_statements(node)
     per_sample = steps / seconds  # the bench's own sampling statements, per second
     xs, ys = zip(*samples)
     return {
         "statements_per_s": round(ols_slope(xs, ys) - per_sample, 1),
         "statements_per_s_delta": round((ys[-1] - ys[0]) / (xs[-1] - xs[0]) - per_sample, 1),
+        # Feed statements only, as the node counts them (xact_commit also has its scans and health checks).
+        "feed_statements_per_s": None if counted0 is None or counted1 is None else round((counted1 - counted0) / wall, 2),
         "process_cpu_pct": round((cpu1[0] - cpu0[0]) / wall * 100, 2),
         "pg_backends_cpu_pct": round((cpu1[1] - cpu0[1]) / wall * 100, 2),
         "pg_backends": len(backends),
@@ -150,7 +172,7 @@ async def bench_dbload(
                     await asyncio.sleep(settle)
                     progress(f"{name}: measuring for {window:g}s")
                     phases[name] = await _window(
-                        conn, seconds=window, process_pid=node.pid, app=app, postmaster=postmaster
+                        conn, seconds=window, process_pid=node.pid, app=app, postmaster=postmaster, node=node
                     )
                     await fleet.close(name)
             await node.stop()  # no pollers of the node's in the baseline's window

@@ -32,6 +32,7 @@ carry on without it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Owner(Protocol):
     """What a FeedPoller needs from the node's poller set."""
 
     slots: asyncio.Semaphore  # statements in flight, node-wide (bounded by the pool)
+    statements: "collections.Counter[tuple[str, str]]"  # sent, by (feed, "merged" | "alone")
 
     def pool(self) -> asyncpg.Pool | None: ...
     def can_publish(self, topic: str, epoch: int) -> bool: ...
@@ -257,6 +259,7 @@ class FeedPoller:
         for member in members:
             member.busy = statement
             member.tick = self._tick
+        self.owner.statements[(self.feed.name, "merged" if merged else "alone")] += 1
         self._statements.add(statement)
         statement.task = self.owner.spawn(self._run(statement), name=f"poll {self.feed.name} {statement.id}")
 

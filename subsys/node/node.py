@@ -30,6 +30,9 @@ __all__ = ["Node", "Follower"]
 log = logging.getLogger(__name__)
 
 _TICK = 0.25
+# Timed passes skip steady topics; a full pass decides all of them at least this often anyway
+# (events already trigger one: this bounds what a missed event could cost).
+_FULL_PASS_EVERY = 5.0
 _ORPHAN_TAKEOVER_DELAY = 1.0
 
 
@@ -66,6 +69,7 @@ class Node:
         self._kick = asyncio.Event()
         # One actor at a time on ownership: a reconcile pass, a handoff, a forced hand-over.
         self._acting = asyncio.Lock()
+        self._steady: set[str] = set()  # topics a timed pass skips (reconcile.steady), until the next full pass
         self._supervisor: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -224,10 +228,15 @@ class Node:
 
     async def _reconcile_loop(self) -> None:
         seen = -1
+        full, last_full = True, 0.0
         while True:
             self._kick.clear()
+            if time.monotonic() - last_full >= _FULL_PASS_EVERY:
+                full = True
             try:
-                await self.reconcile()
+                await self.reconcile(full=full)
+                if full:
+                    last_full = time.monotonic()
             except Exception:
                 log.exception("reconcile pass failed; retrying")
                 await asyncio.sleep(0.5)
@@ -237,14 +246,17 @@ class Node:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            full = kick in done
             if change in done:
+                full = full or change.result() != seen
                 seen = change.result()
 
-    async def reconcile(self) -> None:
+    async def reconcile(self, *, full: bool = True) -> None:
+        """Decide every topic again (``full``), or only those in transition (a timed pass)."""
         async with self._acting:
-            await self._reconcile()
+            await self._reconcile(full)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, full: bool = True) -> None:
         view = self.coordinator.view
         for topic, owner in list(view.owners.items()):
             if self.coordinator.holds(owner) and self.registry.get(topic) is None:
@@ -264,7 +276,11 @@ class Node:
                     self.stream(topic)
                 except TopicError:
                     log.debug("not adopting %s: not a topic of this node's feeds", topic)
+        if full:
+            self._steady.clear()
         for stream in self.registry:
+            if stream.topic in self._steady:
+                continue
             try:
                 await self.reconcile_topic(stream)
             except CoordinatorError as exc:
@@ -314,6 +330,10 @@ class Node:
             if decision.owner_node is not None:
                 stream.last_owner = decision.owner_node
             stream.cluster_empty_since, stream.orphan_since = decision.cluster_empty_since, decision.orphan_since
+            if reconcile.steady(facts, cluster, decision) and (
+                decision.role == "owner" or (self.follower is not None and self.follower.follows(stream.topic, cluster.owner))
+            ):
+                self._steady.add(stream.topic)
             acquired = False
             for action in decision.actions:
                 acquired = await self._execute(stream, action, cluster) or acquired

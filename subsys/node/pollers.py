@@ -16,6 +16,7 @@ kept, reported (``stuck()``, a zombie) and reaped by terminating its connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import secrets
@@ -82,6 +83,9 @@ class PollerSet:
         self._templates: dict[str, MergeTemplate] = {}
         self._prepared: dict[str, str] = {}
         self.per_topic: dict[str, str] = {}  # feed -> why it is polled per topic
+        # Statements sent, by (feed, kind): "merged" (a batch), "alone" (one topic of a merged
+        # feed, isolated or retried), "topic" (a per-topic feed). /metrics shows them.
+        self.statements: collections.Counter[tuple[str, str]] = collections.Counter()
         for feed in settings.feeds.values():
             if not settings.database.merged_polling:
                 self.per_topic[feed.name] = "merged polling is off (database.merged_polling = false)"
@@ -187,6 +191,7 @@ class PollerSet:
         self._topics[stream.topic] = (poller, task)
 
     async def _run_query(self, stream: TopicStream, poller: Poller) -> Rows:
+        self.statements[(stream.feed.name, "topic")] += 1
         if self.database.pool is None:
             raise PollError("database not open", code="database_unavailable")
         return await run_feed_query(self.database.pool, stream.feed, stream.param, holder=poller)

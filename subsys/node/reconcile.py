@@ -32,6 +32,7 @@ __all__ = [
     "Unfollow",
     "Forget",
     "decide",
+    "steady",
 ]
 
 
@@ -222,3 +223,24 @@ def decide(facts: TopicFacts, cluster: ClusterFacts, now: float, timing: Timing)
     ):
         actions.append(Forget())
     return Decision(tuple(actions), role, owner_node, None, orphan_since)
+
+
+def steady(facts: TopicFacts, cluster: ClusterFacts, decision: Decision) -> bool:
+    """True when only an event, never time passing, can change this topic's decision.
+
+    An owner polling at the owner's epoch with subscribers somewhere, or a follower with
+    local subscribers, and no timer running: the next decision would be the same until
+    the view changes, a subscriber comes or goes, or a poller or a follow link stops (each
+    of which wakes a full reconcile pass). The node skips steady topics on its timed
+    passes, so a pass costs what the topics in transition cost, not every topic's.
+    """
+    if decision.cluster_empty_since is not None or decision.orphan_since is not None or cluster.reserved_for is not None:
+        return False
+    owner = cluster.owner
+    if owner is None or facts.empty_since is not None:
+        return False
+    if decision.role == "owner":
+        return not decision.actions and facts.polling_epoch == owner.epoch
+    if decision.role == "follower":
+        return facts.local and decision.actions == (Follow(owner),) and facts.polling_epoch is None
+    return False

@@ -90,6 +90,13 @@ class _NodeCollector:
         yield polls
         yield failures
         yield changes
+        statements = CounterMetricFamily(
+            "subsys_statements", "Feed statements sent to the database, by feed and kind (merged, alone, topic)",
+            labels=["node", "feed", "kind"],
+        )
+        for (feed, kind), count in sorted(node.pollers.statements.items()):
+            statements.add_metric([nid, feed, kind], count)
+        yield statements
         fenced = CounterMetricFamily(
             "subsys_fenced_publications", "Publications refused for an older epoch (fencing)", labels=["node"]
         )

@@ -281,6 +281,11 @@ class PeerLinks:
         entry = self._topics.get(topic)
         return entry.address if entry is not None else None
 
+    def follows(self, topic: str, owner: OwnerRecord) -> bool:
+        """Following ``owner`` for ``topic`` now (not backing off after a refusal)."""
+        entry = self._topics.get(topic)
+        return entry is not None and entry.active and entry.address == owner.address and entry.epoch == owner.epoch
+
     def should_send(self, topic: str) -> bool:
         entry = self._topics.get(topic)
         return entry is not None and (entry.active or time.monotonic() >= entry.retry_at)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 import os
+import re
 import signal
 import time
 
@@ -61,10 +62,11 @@ async def test_statements_per_tick_are_the_batches(start_node, database_url, mer
     async with connect(node.ws_url) as client:
         subs = await _subscribe_all(client, topics)
         await asyncio.sleep(1.0)  # past the first polls of each topic (polled at once, outside the schedule)
+        kind = "merged" if merged else "topic"
         t0 = await db_fetchval(database_url, "SELECT clock_timestamp()")
-        x0 = await _xacts(database_url)
+        x0, m0 = await _xacts(database_url), await _counted(node, kind)
         await asyncio.sleep(6.0)
-        x1 = await _xacts(database_url)
+        x1, m1 = await _xacts(database_url), await _counted(node, kind)
         t1 = await db_fetchval(database_url, "SELECT clock_timestamp()")
         statements, executions = await _statements(database_url, t0)
         ticks = (t1 - t0).total_seconds() / INTERVAL
@@ -72,6 +74,8 @@ async def test_statements_per_tick_are_the_batches(start_node, database_url, mer
         per_tick = statements / ticks
         assert executions / ticks == pytest.approx(len(topics), rel=0.25), "every topic polled once a tick"
         assert per_tick == pytest.approx(expected, rel=0.25), f"{per_tick:.2f} statements a tick, expected {expected}"
+        # The node's own count (/metrics, subsys_statements) agrees with the database's.
+        assert m1 - m0 == pytest.approx(statements, rel=0.1, abs=expected + 1), (m1 - m0, statements)
         # Transactions seen by the server (statistics are flushed about once a second: a loose
         # bound), including any pool reset on release: there is none, so ~ one per statement.
         transactions = (x1 - x0) / ticks
@@ -82,6 +86,14 @@ async def test_statements_per_tick_are_the_batches(start_node, database_url, mer
         assert health["polling"] == {"items": "merged" if merged else "per-topic"}
         for sub in subs:
             await sub.stop()
+
+
+async def _counted(node, kind: str) -> float:
+    """The node's subsys_statements counter for the items feed (its /metrics)."""
+    _status, text = await node.get("/metrics")
+    match = re.search(rf'^subsys_statements_total\{{(?=[^}}]*feed="items")(?=[^}}]*kind="{kind}")[^}}]*\}} (\S+)$', text, re.M)
+    assert match, text
+    return float(match.group(1))
 
 
 async def _xacts(url: str) -> int:

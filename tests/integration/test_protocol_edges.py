@@ -260,7 +260,7 @@ async def test_metrics_are_labelled_by_feed_never_by_topic(node, client):
         assert topic not in text and topic.split(":", 1)[1] not in text, topic
     labels = re.findall(r"^\w+\{([^}]*)\}", text, re.M)
     names = {pair.split("=", 1)[0] for line in labels for pair in re.findall(r'\w+="[^"]*"', line)}
-    assert names <= {"node", "feed", "role"}, names
+    assert names <= {"node", "feed", "role", "kind"}, names
     for feed in FEEDS:
         assert re.search(rf'^subsys_polls_total\{{[^}}]*feed="{feed}"', text, re.M), feed
     values = {value for line in labels for value in re.findall(r'feed="([^"]*)"', line)}

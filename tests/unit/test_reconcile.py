@@ -9,6 +9,7 @@ next call, as the node does (``Script``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -27,6 +28,7 @@ from subsys.node.reconcile import (
     Timing,
     Unfollow,
     decide,
+    steady,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -556,3 +558,52 @@ def test_a_draining_node_does_not_take_a_topic_handed_to_it() -> None:
     cluster = ClusterFacts(node_id="n2", owner=None, holds=False, can_publish=False,
                            presence_elsewhere=False, draining=True, reserved_for="n2")  # fmt: skip
     assert not decide(facts, cluster, 100.0, Timing(grace=5.0)).has(Acquire)
+
+
+# -- steady topics (skipped by timed passes) ------------------------------------------
+
+
+def _all_cases():
+    owners = {"unowned": unowned(), "ours": ours(), "ours-elsewhere": ours(presence_elsewhere=True),
+              "ours-unconfirmed": ours(can_publish=False), "theirs": theirs(), "earlier-self": earlier_self(),
+              "reserved": unowned(reserved_for=ME), "theirs-presence": theirs(presence_elsewhere=True)}  # fmt: skip
+    for (name, cluster), local, polling, following, empty, written in itertools.product(
+        owners.items(), (True, False), (None, 10, 9), (None, "http://n2:8080"), (None, NOW - 1.0), (True, False)
+    ):
+        facts = topic(local=local, polling_epoch=polling, following=following,
+                      empty_since=None if local else empty, presence_written=written)  # fmt: skip
+        yield name, facts, cluster
+
+
+def test_a_steady_decision_stays_the_same_whatever_time_passes() -> None:
+    """What lets a timed pass skip a steady topic: time alone can never change its decision."""
+    seen = 0
+    for name, facts, cluster in _all_cases():
+        decision = decide(facts, cluster, NOW, TIMING)
+        if not steady(facts, cluster, decision):
+            continue
+        seen += 1
+        carried = dataclasses.replace(facts, cluster_empty_since=decision.cluster_empty_since,
+                                      orphan_since=decision.orphan_since)  # fmt: skip
+        for later in (NOW + 0.5, NOW + ORPHAN_DELAY, NOW + GRACE, NOW + 10 * GRACE):
+            assert decide(carried, cluster, later, TIMING) == decision, (name, facts)
+    assert seen >= 2
+
+
+def test_an_owner_polling_its_epoch_with_subscribers_is_steady() -> None:
+    facts = subscribed(polling_epoch=10)
+    assert steady(facts, ours(), decide(facts, ours(), NOW, TIMING))
+    follower = subscribed(following="http://n2:8080")
+    assert steady(follower, theirs(), decide(follower, theirs(), NOW, TIMING))
+
+
+@pytest.mark.parametrize("case", ["grace running", "orphan timer", "not polling yet", "reserved", "last subscriber gone"])
+def test_a_topic_with_a_timer_or_an_action_pending_is_not_steady(case: str) -> None:
+    facts, cluster = {
+        "grace running": (topic(polling_epoch=10), ours()),
+        "orphan timer": (topic(), unowned(presence_elsewhere=True)),
+        "not polling yet": (subscribed(), ours(can_publish=False)),
+        "reserved": (subscribed(), unowned(reserved_for=ME)),
+        "last subscriber gone": (topic(empty_since=NOW - 1.0, following="http://n2:8080", presence_written=True), theirs()),
+    }[case]
+    assert not steady(facts, cluster, decide(facts, cluster, NOW, TIMING))

@@ -78,8 +78,11 @@ class EventHub:
         seen = -1
         while not self._closed:
             try:
-                seen = await self.node.coordinator.wait_changed(seen, 1.0)
-                await self._diff()
+                generation = await self.node.coordinator.wait_changed(seen, 1.0)
+                if generation != seen:  # the view moved: compare it (O(topics)); else readiness only
+                    seen = generation
+                    await self._diff()
+                await self._check_ready()
             except Exception:  # the stream must outlive any one bad comparison
                 log.exception("event hub pass failed")
                 await asyncio.sleep(1.0)
@@ -97,6 +100,8 @@ class EventHub:
             if nodes.get(nid) != self._nodes.get(nid):
                 await self._emit("node", {"node": nid, "before": self._nodes.get(nid), "after": nodes.get(nid)})
         self._owners, self._presence, self._nodes = owners, presence, nodes
+
+    async def _check_ready(self) -> None:
         ready = self.node.coordinator.ready and not self.node.draining and self.node.failure is None
         if ready != self._ready:
             self._ready = ready
