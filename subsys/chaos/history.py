@@ -160,8 +160,11 @@ async def sample_inflight(conn: asyncpg.Connection) -> list[tuple[str, int]]:
     return [(row["app"], row["topic"]) for row in rows if row["app"].startswith("subsys:")]
 
 
+# InternalClientError: asyncpg's protocol state machine, when the server dropped the connection
+# under a statement ("cannot switch to state 12; another operation is in progress"); it once
+# ended the writer in the middle of a PostgreSQL restart.
 _DOUBT = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.AdminShutdownError,
-          asyncpg.CannotConnectNowError, asyncio.TimeoutError)  # fmt: skip
+          asyncpg.CannotConnectNowError, asyncpg.InternalClientError, asyncio.TimeoutError)  # fmt: skip
 
 
 def _note_unexpected(exc: BaseException) -> None:
