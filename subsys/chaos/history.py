@@ -98,6 +98,9 @@ class RowHistory:
         self.times: list[float] = [time.monotonic()]  # monotonic time of commit k
         self._timeline: dict[int, tuple[list[int], list[int | None]]] = {}  # id -> (ks, values)
         self.topic_rows: dict[int, set[int]] = {}
+        # The writer's change in flight, (topic, id, value): committed at the server maybe before
+        # ``record`` runs, so a client may see it first (the runner and the writer share one loop).
+        self.pending: tuple[int, int, int | None] | None = None
 
     def seed(self, topic: int, rid: int, value: int | None) -> None:
         self._timeline[rid] = ([0], [value])
@@ -141,8 +144,19 @@ class RowHistory:
             mine = self._spans(rid, view.get(rid))
             spans = [(max(a, c), min(b, d)) for a, b in spans for c, d in mine if max(a, c) < min(b, d)]
             if not spans:
-                return []
+                return self._pending_version(topic, view)
         return spans
+
+    def _pending_version(self, topic: int, view: dict[int, int]) -> list[tuple[int, float]]:
+        """``[(k + 1, inf)]`` if ``view`` is the rows with the writer's in-flight change applied."""
+        if self.pending is None or self.pending[0] != topic:
+            return []
+        _topic, pending_rid, pending_value = self.pending
+        expected = {rid: self.current(rid) for rid in self.topic_rows.get(topic, set())}
+        expected[pending_rid] = pending_value
+        if view == {rid: v for rid, v in expected.items() if v is not None}:
+            return [(self.k + 1, math.inf)]
+        return []
 
     def k_at(self, mono: float) -> int:
         """The last commit at or before monotonic time ``mono``."""
@@ -256,6 +270,13 @@ class Writer:
                                     rid, topic, value, timeout=10)  # fmt: skip
 
     async def _change(self, kind: str, topic: int, rid: int, value: int | None) -> None:
+        self.history.pending = (topic, rid, value)
+        try:
+            await self._commit(kind, topic, rid, value)
+        finally:
+            self.history.pending = None
+
+    async def _commit(self, kind: str, topic: int, rid: int, value: int | None) -> None:
         if self.conn is None or self.conn.is_closed():
             self.step = "connecting"
             self.conn = await self._connect()

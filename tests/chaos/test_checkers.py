@@ -53,6 +53,25 @@ def test_a_view_is_checked_against_every_version_the_database_had() -> None:
     assert history.versions(1, {1001: 1, 9999: 0}) == []  # a row the topic never had
 
 
+def test_a_view_may_show_the_writers_change_in_flight_and_nothing_else() -> None:
+    """The commit reaches the server (and a client) before the writer's ``record`` runs: seen in CI."""
+    history = RowHistory()
+    history.seed(1, 1001, 0)
+    history.seed(1, 1002, 0)
+    history.record(1, 1001, 1)  # k=1
+    seen_early = {1001: 1, 1002: 5}
+    assert history.versions(1, seen_early) == []
+    history.pending = (1, 1002, 5)
+    assert history.versions(1, seen_early) == [(2, math.inf)]
+    assert history.versions(1, {1001: 1}) == []  # not what the change makes (a delete would)
+    assert history.versions(2, {1001: 1, 1002: 5}) == []  # another topic's view
+    history.pending = (1, 1002, None)
+    assert history.versions(1, {1001: 1}) == [(2, math.inf)]  # a delete in flight
+    history.pending = None
+    history.record(1, 1002, 5)  # k=2: recorded, the same span as it had in flight
+    assert history.versions(1, seen_early) == [(2, math.inf)]
+
+
 def test_a_view_going_back_in_time_is_a_violation() -> None:
     inv = _inv()
     check = StreamCheck(inv, "c1")
