@@ -154,17 +154,22 @@ def _row_number(record: asyncpg.Record) -> int:
     return record[-1]
 
 
-async def run_feed_query(pool: asyncpg.Pool, feed: Feed, param: Any, *, holder: Any = None) -> Rows:
+async def run_feed_query(
+    pool: asyncpg.Pool, feed: Feed, param: Any, *, holder: Any = None, on_sent: Callable[[], None] | None = None
+) -> Rows:
     """Run the feed's query for one parameter.
 
     ``holder.conn`` and ``holder.pid`` are the connection and its server process while the
     query runs and until the connection is back in the pool (a stuck release included), so
-    reaping can terminate it.
+    reaping can terminate it. ``on_sent`` is called once a connection is had and the query
+    goes to the server (not when the database is unavailable).
     """
     timeout = feed.statement_timeout
     conn = await acquire(pool, timeout)
     if holder is not None:
         holder.conn, holder.pid = conn, conn.get_server_pid()
+    if on_sent is not None:
+        on_sent()
     try:
         records = await conn.fetch(limited_sql(feed), param, timeout=timeout)
     except Exception as exc:

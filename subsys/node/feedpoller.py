@@ -63,7 +63,7 @@ class Owner(Protocol):
     """What a FeedPoller needs from the node's poller set."""
 
     slots: asyncio.Semaphore  # statements in flight, node-wide (bounded by the pool)
-    statements: "collections.Counter[tuple[str, str]]"  # sent, by (feed, "merged" | "alone")
+    statements: "collections.Counter[tuple[str, str]]"  # sent to the server, by (feed, "merged" | "alone")
 
     def pool(self) -> asyncpg.Pool | None: ...
     def can_publish(self, topic: str, epoch: int) -> bool: ...
@@ -259,7 +259,6 @@ class FeedPoller:
         for member in members:
             member.busy = statement
             member.tick = self._tick
-        self.owner.statements[(self.feed.name, "merged" if merged else "alone")] += 1
         self._statements.add(statement)
         statement.task = self.owner.spawn(self._run(statement), name=f"poll {self.feed.name} {statement.id}")
 
@@ -281,6 +280,7 @@ class FeedPoller:
                 self._settle(statement, exc, started)
                 return
             statement.conn, statement.pid = conn, conn.get_server_pid()
+            self.owner.statements[(feed.name, "merged" if statement.merged else "alone")] += 1
             try:
                 self._arm(statement, timeout + STOP_WAIT, "still running long past its statement_timeout", "query_timeout")
                 outcome: list[tuple[Rows | PollError, tuple | None]] | PollError

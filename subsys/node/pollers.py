@@ -83,8 +83,9 @@ class PollerSet:
         self._templates: dict[str, MergeTemplate] = {}
         self._prepared: dict[str, str] = {}
         self.per_topic: dict[str, str] = {}  # feed -> why it is polled per topic
-        # Statements sent, by (feed, kind): "merged" (a batch), "alone" (one topic of a merged
-        # feed, isolated or retried), "topic" (a per-topic feed). /metrics shows them.
+        # Statements sent to the server (a connection was had), by (feed, kind): "merged" (a
+        # batch), "alone" (one topic of a merged feed, isolated or retried), "topic" (a per-topic
+        # feed). /metrics shows them.
         self.statements: collections.Counter[tuple[str, str]] = collections.Counter()
         for feed in settings.feeds.values():
             if not settings.database.merged_polling:
@@ -191,10 +192,13 @@ class PollerSet:
         self._topics[stream.topic] = (poller, task)
 
     async def _run_query(self, stream: TopicStream, poller: Poller) -> Rows:
-        self.statements[(stream.feed.name, "topic")] += 1
         if self.database.pool is None:
             raise PollError("database not open", code="database_unavailable")
-        return await run_feed_query(self.database.pool, stream.feed, stream.param, holder=poller)
+        return await run_feed_query(self.database.pool, stream.feed, stream.param, holder=poller,
+                                    on_sent=lambda: self._count(stream.feed.name, "topic"))  # fmt: skip
+
+    def _count(self, feed: str, kind: str) -> None:
+        self.statements[(feed, kind)] += 1
 
     def _poller_done(self, topic: str, task: asyncio.Task) -> None:
         current = self._topics.get(topic)
