@@ -89,181 +89,217 @@ def _key_summary(fact: KeyFact | None) -> dict[str, Any] | None:
 
 
 def detect(scan: ScanInput, timing: Timing) -> list[Finding]:
-    records, reports = scan.records, scan.reports
-    owner_keys = {f.topic: f for f in records.keys if f.kind == "owner"}
-    presence_keys = [f for f in records.keys if f.kind == "presence"]
-    live_session = {nid: s for nid, r in reports.items() if (s := _session_of(r))}
-    session_node = {s.id: s.node for s in records.sessions}
-    # node -> topic -> its report: looked up once per key (10,000 topics: no quadratic scan)
-    topic_report = {nid: {t["topic"]: t for t in r.get("topic_reports") or []} for nid, r in reports.items()}
-    findings: list[Finding] = []
+    """Every disagreement between the coordinator's records and the nodes' reports, in a stable order."""
+    check = _Crosscheck(scan, timing)
+    return [
+        *check.pollers(), *check.stuck_queries(), *check.owner_keys(),
+        *check.presence(), *check.sessions(), *check.registrations(),
+    ]  # fmt: skip
 
-    def gone(node: str) -> str | None:
+
+class _Crosscheck:
+    """One scan's indexes (built once: 10,000 topics must not make a quadratic scan), one method per family."""
+
+    def __init__(self, scan: ScanInput, timing: Timing) -> None:
+        self.scan, self.timing = scan, timing
+        records, reports = scan.records, scan.reports
+        self.owner_keys_by_topic = {f.topic: f for f in records.keys if f.kind == "owner"}
+        self.presence_keys = [f for f in records.keys if f.kind == "presence"]
+        self.live_session = {nid: s for nid, r in reports.items() if (s := _session_of(r))}
+        self.session_node = {s.id: s.node for s in records.sessions}
+        self.sessions_by_id = {s.id: s for s in records.sessions}
+        # node -> topic -> its report
+        self.topic_report = {nid: {t["topic"]: t for t in r.get("topic_reports") or []} for nid, r in reports.items()}
+
+    # -- evidence ----------------------------------------------------------------------
+
+    def gone(self, node: str) -> str | None:
         """Why ``node``'s process is known to be gone (its address refuses connections: a death
         certificate), or None. Absence is no evidence: a node that is starting has a session and
         a registration before its node key, and a frozen one just times out."""
-        if node in scan.refused:
-            return f"its address refuses connections ({scan.unreachable.get(node, 'refused')})"
+        if node in self.scan.refused:
+            return f"its address refuses connections ({self.scan.unreachable.get(node, 'refused')})"
         return None
 
-    def dead_holder(holder: str, claimed: str) -> str | None:
+    def dead_holder(self, holder: str, claimed: str) -> str | None:
         """Why the session ``holder`` cannot belong to a live process, or None."""
-        node = session_node.get(holder, claimed)
-        if node in live_session and live_session[node] != holder:
-            return f"{node} runs now with session {live_session[node]} (a later incarnation)"
-        why = gone(node)
+        node = self.session_node.get(holder, claimed)
+        live = self.live_session.get(node)
+        if live is not None and live != holder:
+            return f"{node} runs now with session {live} (a later incarnation)"
+        why = self.gone(node)
         if why:
             return f"{node}: {why}"
-        session = next((s for s in records.sessions if s.id == holder), None)
+        session = self.sessions_by_id.get(holder)
         if session is not None:
             # Critical only: a check the catalog does not show yet may be one just registered.
-            failed = [c for c in session.checks if c != "serfHealth" and records.check_status.get(c) == "critical"]
+            status = self.scan.records.check_status
+            failed = [c for c in session.checks if c != "serfHealth" and status.get(c) == "critical"]
             if failed:
                 return f"its check {failed[0]} is critical"
         return None
 
-    # -- pollers -----------------------------------------------------------------------
-    running: dict[str, list[tuple[str, int]]] = {}  # topic -> (node, epoch)
-    for nid, report in reports.items():
-        for topic, epoch in (report.get("pollers") or {}).items():
-            running.setdefault(topic, []).append((nid, int(epoch)))
-    for topic, entries in sorted(running.items()):
-        key = owner_keys.get(topic)
+    def holds(self, nid: str, topic: str, epoch: int) -> bool:
+        """Whether ``nid``'s live session holds ``topic``'s owner key at exactly ``epoch``."""
+        key = self.owner_keys_by_topic.get(topic)
+        return key is not None and key.holder == self.live_session.get(nid) and key.index == epoch
 
-        def rightful(nid: str, epoch: int) -> bool:
-            return key is not None and key.holder == live_session.get(nid) and key.index == epoch
+    # -- families ----------------------------------------------------------------------
 
-        strays = [e for e in entries if not rightful(*e)]
-        if not strays:
-            continue
-        evidence = {
-            "pollers": [{"node": n, "epoch": e} for n, e in entries],
-            "owner_key": _key_summary(key),
-            "sessions": {n: live_session.get(n) for n, _e in entries},
-            "db_connections": {n: scan.db_connections.get(n) for n, _e in entries},
-        }
-        actions = [{"do": "stop_poller", "node": n, "topic": topic, "epoch": e} for n, e in strays]
-        kind = "duplicate_poller" if len(entries) > 1 else "orphan_poller"
-        findings.append(Finding(kind, topic, sorted({n for n, _e in entries}), evidence, actions))
-
-    # -- stuck database calls ----------------------------------------------------------
-    # One finding per call, not per topic: a merged statement polls many topics, and ending it
-    # (terminating its connection) is one action. Its topics carry on without it on that node.
-    for nid, report in sorted(reports.items()):
-        for item in report.get("stuck_queries") or []:
-            topics = []
-            for topic, epoch in sorted((item.get("topics") or {}).items()):
-                key = owner_keys.get(topic)
-                held = key is not None and key.holder == live_session.get(nid) and key.index == int(epoch)
-                topics.append({"topic": topic, "epoch": int(epoch), "held_by_node": held})
+    def pollers(self) -> list[Finding]:
+        running: dict[str, list[tuple[str, int]]] = {}  # topic -> (node, epoch)
+        for nid, report in self.scan.reports.items():
+            for topic, epoch in (report.get("pollers") or {}).items():
+                running.setdefault(topic, []).append((nid, int(epoch)))
+        findings = []
+        for topic, entries in sorted(running.items()):
+            strays = [(n, e) for n, e in entries if not self.holds(n, topic, e)]
+            if not strays:
+                continue
             evidence = {
-                "node": nid, "feed": item.get("feed"), "topics": topics, "pid": item.get("pid"),
-                "age": item.get("age"), "since": item.get("since"), "why": item.get("why"),
-                "db_connections": scan.db_connections.get(nid),
-            }  # fmt: skip
-            action = {"do": "terminate_query", "node": nid, "query": item["id"], "pid": item.get("pid")}
-            findings.append(Finding("stuck_query", f"{nid}/{item['id']}", [nid], evidence, [action]))
+                "pollers": [{"node": n, "epoch": e} for n, e in entries],
+                "owner_key": _key_summary(self.owner_keys_by_topic.get(topic)),
+                "sessions": {n: self.live_session.get(n) for n, _e in entries},
+                "db_connections": {n: self.scan.db_connections.get(n) for n, _e in entries},
+            }
+            actions = [{"do": "stop_poller", "node": n, "topic": topic, "epoch": e} for n, e in strays]
+            kind = "duplicate_poller" if len(entries) > 1 else "orphan_poller"
+            findings.append(Finding(kind, topic, sorted({n for n, _e in entries}), evidence, actions))
+        return findings
 
-    # -- owner keys ----------------------------------------------------------------------
-    presence_of: dict[str, set[str]] = {}
-    for fact in presence_keys:
-        if fact.holder:
-            presence_of.setdefault(fact.topic, set()).add(fact.node)
-    for topic, key in sorted(owner_keys.items()):
+    def stuck_queries(self) -> list[Finding]:
+        # One finding per call, not per topic: a merged statement polls many topics, and ending it
+        # (terminating its connection) is one action. Its topics carry on without it on that node.
+        findings = []
+        for nid, report in sorted(self.scan.reports.items()):
+            for item in report.get("stuck_queries") or []:
+                topics = [
+                    {"topic": topic, "epoch": int(epoch), "held_by_node": self.holds(nid, topic, int(epoch))}
+                    for topic, epoch in sorted((item.get("topics") or {}).items())
+                ]
+                evidence = {
+                    "node": nid, "feed": item.get("feed"), "topics": topics, "pid": item.get("pid"),
+                    "age": item.get("age"), "since": item.get("since"), "why": item.get("why"),
+                    "db_connections": self.scan.db_connections.get(nid),
+                }  # fmt: skip
+                action = {"do": "terminate_query", "node": nid, "query": item["id"], "pid": item.get("pid")}
+                findings.append(Finding("stuck_query", f"{nid}/{item['id']}", [nid], evidence, [action]))
+        return findings
+
+    def owner_keys(self) -> list[Finding]:
+        presence_of: dict[str, set[str]] = {}
+        for fact in self.presence_keys:
+            if fact.holder:
+                presence_of.setdefault(fact.topic, set()).add(fact.node)
+        findings = []
+        for topic, key in sorted(self.owner_keys_by_topic.items()):
+            finding = self._owner_key(topic, key, has_presence=bool(presence_of.get(topic)))
+            if finding is not None:
+                findings.append(finding)
+        return findings
+
+    def _owner_key(self, topic: str, key: KeyFact, *, has_presence: bool) -> Finding | None:
+        scan = self.scan
         if key.holder is None:
             until = float(key.value.get("until", 0) or 0)
-            if until < scan.now:
-                findings.append(Finding(
-                    "released_key", topic, [str(key.value.get("reserved_for", ""))],
-                    {"owner_key": _key_summary(key), "reserved_for": key.value.get("reserved_for"),
-                     "hold_ended_ago": round(scan.now - until, 1)},
-                    [{"do": "delete_key", "key": _key_action(key)}],
-                ))  # fmt: skip
-            continue
+            if until >= scan.now:
+                return None
+            return Finding(
+                "released_key", topic, [str(key.value.get("reserved_for", ""))],
+                {"owner_key": _key_summary(key), "reserved_for": key.value.get("reserved_for"),
+                 "hold_ended_ago": round(scan.now - until, 1)},
+                [{"do": "delete_key", "key": _key_action(key)}],
+            )  # fmt: skip
         claimed = key.node
-        dead = dead_holder(key.holder, claimed)
+        dead = self.dead_holder(key.holder, claimed)
         if dead:
-            findings.append(Finding(
+            return Finding(
                 "stuck_owner", topic, [claimed],
                 {"owner_key": _key_summary(key), "why": dead, "db_connections": scan.db_connections.get(claimed)},
                 [{"do": "destroy_session", "session": key.holder, "node": claimed}],
-            ))  # fmt: skip
-            continue
-        if claimed in reports and live_session.get(claimed) == key.holder:
-            report = reports[claimed]
-            polling = topic in (report.get("pollers") or {})
-            item = topic_report[claimed].get(topic)
-            last = (item or {}).get("last_poll_at")
-            interval = float((item or {}).get("interval") or 0)
-            silent_for = scan.now - last if last else None
-            bound = timing.unpolled_bound + 3 * interval
-            if not polling and (silent_for is None or silent_for > bound):
-                findings.append(Finding(
-                    "stuck_owner", topic, [claimed],
-                    {"owner_key": _key_summary(key), "why": f"{claimed} holds it but runs no poller for it",
-                     "last_poll_ago": round(silent_for, 1) if silent_for is not None else None},
-                    [{"do": "delete_key", "key": _key_action(key)}], auto=False,
-                ))  # fmt: skip
+            )  # fmt: skip
+        if claimed not in scan.reports or self.live_session.get(claimed) != key.holder:
+            return None
+        polling = topic in (scan.reports[claimed].get("pollers") or {})
+        item = self.topic_report[claimed].get(topic) or {}
+        last = item.get("last_poll_at")
+        silent_for = scan.now - last if last else None
+        bound = self.timing.unpolled_bound + 3 * float(item.get("interval") or 0)
+        if not polling and (silent_for is None or silent_for > bound):
+            return Finding(
+                "stuck_owner", topic, [claimed],
+                {"owner_key": _key_summary(key), "why": f"{claimed} holds it but runs no poller for it",
+                 "last_poll_ago": round(silent_for, 1) if silent_for is not None else None},
+                [{"do": "delete_key", "key": _key_action(key)}], auto=False,
+            )  # fmt: skip
+        if not has_presence:
+            return Finding(
+                "idle_owner", topic, [claimed],
+                {"owner_key": _key_summary(key), "presence": [], "grace": self.timing.grace},
+                [{"do": "release", "node": claimed, "topic": topic, "epoch": key.index}],
+            )  # fmt: skip
+        return None
+
+    def presence(self) -> list[Finding]:
+        findings = []
+        for fact in self.presence_keys:
+            if fact.holder is None:
                 continue
-            if not presence_of.get(topic):
-                findings.append(Finding(
-                    "idle_owner", topic, [claimed],
-                    {"owner_key": _key_summary(key), "presence": [], "grace": timing.grace},
-                    [{"do": "release", "node": claimed, "topic": topic, "epoch": key.index}],
-                ))  # fmt: skip
-
-    # -- presence ----------------------------------------------------------------------
-    for fact in presence_keys:
-        if fact.holder is None:
-            continue
-        node, why = fact.node, None
-        holder_dead = dead_holder(fact.holder, node)
-        if holder_dead:
-            why = holder_dead
-        elif node in reports:
-            item = topic_report[node].get(fact.topic)
-            if not item or not item.get("local_subscribers"):
-                why = f"{node} has no local subscribers to {fact.topic}"
-        if why:
-            findings.append(Finding(
-                "stale_presence", f"{fact.topic}@{node}", [node],
-                {"presence_key": _key_summary(fact), "why": why},
-                [{"do": "delete_key", "key": _key_action(fact)}],
-            ))  # fmt: skip
-
-    # -- sessions and registrations --------------------------------------------------------
-    for session in records.sessions:
-        if session.id in live_session.values():
-            continue
-        why = dead_holder(session.id, session.node)
-        if why:
-            holds = sorted(f"{f.kind}:{f.topic or f.node}" for f in records.keys if f.holder == session.id)
-            findings.append(Finding(
-                "dead_session", session.id, [session.node],
-                {"session": session.id, "node": session.node, "why": why, "holds": holds,
-                 "checks": {c: records.check_status.get(c, "missing") for c in session.checks}},
-                [{"do": "destroy_session", "session": session.id, "node": session.node}],
-            ))  # fmt: skip
-    for reporter, report in reports.items():
-        for reg in report.get("registrations", []):
-            node = reg["node"]
-            current = reports.get(node, {}).get("incarnation")
-            why = None
-            # A critical check alone proves nothing here: a frozen process (a long pause, SIGSTOP)
-            # resumes and re-registers under the same id, and a deregistration racing that would
-            # take its fresh registration. Consul removes a critical one itself after a minute.
-            if node in reports and current and reg.get("incarnation") and reg["incarnation"] != current:
-                why = f"registered by incarnation {reg['incarnation']}; {node} runs as {current}"
-            elif node not in reports and (reason := gone(node)):
-                why = f"{node}: {reason}"
+            node = fact.node
+            why = self.dead_holder(fact.holder, node)
+            if not why and node in self.scan.reports:
+                item = self.topic_report[node].get(fact.topic)
+                if not item or not item.get("local_subscribers"):
+                    why = f"{node} has no local subscribers to {fact.topic}"
             if why:
                 findings.append(Finding(
-                    "leaked_registration", reg["service_id"], [node],
-                    {"agent_of": reporter, "registration": reg, "why": why},
-                    [{"do": "deregister", "node": reporter, "service_id": reg["service_id"],
-                      "incarnation": reg.get("incarnation", "")}],  # fmt: skip
+                    "stale_presence", f"{fact.topic}@{node}", [node],
+                    {"presence_key": _key_summary(fact), "why": why},
+                    [{"do": "delete_key", "key": _key_action(fact)}],
                 ))  # fmt: skip
-    return findings
+        return findings
+
+    def sessions(self) -> list[Finding]:
+        records = self.scan.records
+        live = set(self.live_session.values())
+        findings = []
+        for session in records.sessions:
+            if session.id in live:
+                continue
+            why = self.dead_holder(session.id, session.node)
+            if why:
+                holds = sorted(f"{f.kind}:{f.topic or f.node}" for f in records.keys if f.holder == session.id)
+                findings.append(Finding(
+                    "dead_session", session.id, [session.node],
+                    {"session": session.id, "node": session.node, "why": why, "holds": holds,
+                     "checks": {c: records.check_status.get(c, "missing") for c in session.checks}},
+                    [{"do": "destroy_session", "session": session.id, "node": session.node}],
+                ))  # fmt: skip
+        return findings
+
+    def registrations(self) -> list[Finding]:
+        reports = self.scan.reports
+        findings = []
+        for reporter, report in reports.items():
+            for reg in report.get("registrations", []):
+                node = reg["node"]
+                current = reports.get(node, {}).get("incarnation")
+                why = None
+                # A critical check alone proves nothing here: a frozen process (a long pause, SIGSTOP)
+                # resumes and re-registers under the same id, and a deregistration racing that would
+                # take its fresh registration. Consul removes a critical one itself after a minute.
+                if node in reports and current and reg.get("incarnation") and reg["incarnation"] != current:
+                    why = f"registered by incarnation {reg['incarnation']}; {node} runs as {current}"
+                elif node not in reports and (reason := self.gone(node)):
+                    why = f"{node}: {reason}"
+                if why:
+                    findings.append(Finding(
+                        "leaked_registration", reg["service_id"], [node],
+                        {"agent_of": reporter, "registration": reg, "why": why},
+                        [{"do": "deregister", "node": reporter, "service_id": reg["service_id"],
+                          "incarnation": reg.get("incarnation", "")}],
+                    ))  # fmt: skip
+        return findings
 
 
 def _key_action(fact: KeyFact) -> dict[str, Any]:
