@@ -8,7 +8,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-__all__ = ["peer_headers", "authorised", "refuses", "open_websocket", "departed"]
+from subsys.web.appkeys import ADMIN_PORT
+
+__all__ = ["peer_headers", "authorised", "refuses", "open_websocket", "departed", "on_admin_listener"]
 
 
 async def open_websocket(ws: web.WebSocketResponse, request: web.Request) -> bool:
@@ -27,6 +29,16 @@ def departed() -> web.Response:
     a traceback. Nothing is written (the connection is gone); 499 is for the access log.
     """
     return web.Response(status=499, text="closed during the WebSocket handshake")
+
+
+def on_admin_listener(request: web.Request) -> bool:
+    """Whether ``request`` came in on the separate admin listener (``node.admin_port``), where
+    only the admin API, /health and /metrics are served."""
+    admin_port = request.app.get(ADMIN_PORT, 0)
+    if not admin_port or request.transport is None:
+        return False
+    sockname = request.transport.get_extra_info("sockname")
+    return bool(sockname) and sockname[1] == admin_port
 
 
 def peer_headers(secret: str, node_id: str) -> dict[str, str]:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from subsys.node.inspect import local_state
 from subsys.web.appkeys import HTTP, NODE
-from subsys.web._net import authorised, peer_headers, refuses
+from subsys.web._net import authorised, on_admin_listener, peer_headers, refuses
 
 __all__ = ["setup_internal", "PeerClient", "PeerUnavailable", "own_state", "refuses", "STATE_EXTRAS", "REAPER"]
 
@@ -41,6 +41,8 @@ class PeerUnavailable(Exception):
 
 def _guarded(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
+        if on_admin_listener(request):
+            raise web.HTTPNotFound()
         node = request.app[NODE]
         if not authorised(request, node.settings.cluster_secret):
             log.warning("rejected internal call %s from %s: missing or wrong cluster secret", request.path, request.remote)

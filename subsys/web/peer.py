@@ -40,7 +40,7 @@ from subsys.logs import RepeatedLog
 from subsys.node.node import Node
 from subsys.node.stream import TopicStream
 from subsys.web.appkeys import NODE, PEERS
-from subsys.web._net import authorised, departed, open_websocket, peer_headers, refuses
+from subsys.web._net import authorised, departed, on_admin_listener, open_websocket, peer_headers, refuses
 from subsys.web.outbox import Outbox, SendFailed
 from subsys.web.ws import send_text
 
@@ -136,6 +136,8 @@ class PeerConnection:
 
 
 async def peer_handler(request: web.Request) -> web.StreamResponse:
+    if on_admin_listener(request):
+        raise web.HTTPNotFound()
     node = request.app[NODE]
     peer_node = request.headers.get("X-Subsys-Node", "?")
     if not authorised(request, node.settings.cluster_secret):

@@ -25,7 +25,7 @@ from subsys.core.protocol import (
 from subsys.logs import RepeatedLog
 from subsys.node.node import Node
 from subsys.web.appkeys import NODE
-from subsys.web._net import departed, open_websocket
+from subsys.web._net import departed, on_admin_listener, open_websocket
 from subsys.web.outbox import Outbox, SendFailed
 
 __all__ = [
@@ -244,6 +244,8 @@ class ClientConnection:
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    if on_admin_listener(request):
+        raise web.HTTPNotFound()
     node = request.app[NODE]
     if node.draining or node.shutting_down:
         # The load balancer should have stopped sending clients here (/health is 503): refuse, and say why.

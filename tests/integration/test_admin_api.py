@@ -20,6 +20,7 @@ from openapi_core.testing import MockRequest, MockResponse
 
 from subsys.client.admin import AdminClient, Forbidden, NotFound, Unauthorized
 from subsys.client.ws import connect
+from subsys.testing.procs import free_port
 from subsys.web.admin import EVENTS
 
 from support import RawClient, Subscription, db_execute, eventually
@@ -281,3 +282,49 @@ async def test_metrics_count_admin_requests_by_route_and_status(admin_node) -> N
             text = await resp.text()
     assert 'subsys_admin_requests_total{route="GET /admin/v1/cluster",status="401"}' in text
     assert 'subsys_admin_requests_total{route="GET /admin/v1/cluster",status="200"}' in text
+
+
+async def test_a_separate_admin_listener_serves_the_admin_api_and_nothing_else(start_node, database_url) -> None:
+    await db_execute(database_url, SCHEMA)
+    admin_port = free_port()
+    node = await start_node({"items": FEED}, database_url=database_url, node={"admin_port": admin_port},
+                            secrets={"admin_token": OPERATOR, "cluster_secret": CLUSTER_SECRET})  # fmt: skip
+    admin_base = f"http://127.0.0.1:{admin_port}"
+    auth = {"Authorization": f"Bearer {OPERATOR}"}
+    secret = {"Authorization": f"Bearer {CLUSTER_SECRET}"}
+
+    async def status(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, headers=headers) as resp:
+                return resp.status, await resp.text()
+
+    assert (await status(admin_base + "/admin/v1/cluster", auth))[0] == 200
+    assert (await status(node.base_url + "/admin/v1/cluster", auth))[0] == 404, "the admin API is off the client port"
+    assert (await status(node.base_url + "/admin/v1/cluster"))[0] == 404, "and says nothing there, not even 401"
+    for path in ("/health", "/health/live", "/metrics"):
+        assert (await status(admin_base + path))[0] == 200, path
+        assert (await status(node.base_url + path))[0] == 200, path
+    assert (await status(admin_base + "/internal/state", secret))[0] == 404, "node-to-node calls stay on the node's port"
+    assert (await status(node.base_url + "/internal/state", secret))[0] == 200
+    assert (await status(admin_base + "/ws"))[0] == 404, "clients stay on the node's port"
+    async with connect(node.ws_url) as client:  # and are served there
+        async for frame in client.subscribe("items:1"):
+            assert frame["type"] == "snapshot"
+            break
+
+    unknown, body = await status(admin_base + "/admin/v1/no-such-route", auth)
+    assert unknown == 404 and json.loads(body)["error"]["code"] == "not_found", body
+    assert (await status(admin_base + "/admin/v1/no-such-route"))[0] == 401, "unknown routes need a token too"
+
+
+async def test_a_known_path_with_another_method_is_a_405_and_no_route_is_an_app_middleware(admin_node) -> None:
+    node, checked = admin_node
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(node.base_url + "/admin/v1/cluster", headers={"Authorization": f"Bearer {OPERATOR}"}) as resp:
+            assert resp.status == 405, await resp.text()
+            assert (await resp.json())["error"]["code"] == "bad_request"
+        async with http.get(node.base_url + "/admin/v1", headers={"Authorization": f"Bearer {READER}"}) as resp:
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
+    # The admin guard wraps its own routes: an app-level middleware would stay on the stack of
+    # every /ws handler, for the whole life of every client connection (memory per client).
+    assert not node.app.middlewares

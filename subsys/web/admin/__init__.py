@@ -1,13 +1,20 @@
 """The admin API, ``/admin/v1`` on every node (docs/operations.md).
 
-``setup_admin(app)`` adds the routes, the auth middleware (bearer tokens,
-read and operator roles), the event hub, the OpenAPI document and the
-admin metrics. With ``node.admin_port`` set, the admin API is served only on
-that listener (and the client routes not on it).
+``setup_admin(app)`` adds the routes, each behind the admin guard (bearer
+tokens, read and operator roles, JSON errors, request metrics), the event
+hub, the OpenAPI document and the admin metrics. With ``node.admin_port``
+set, the admin API is served only on that listener (and the client routes
+not on it: ``subsys.web._net.on_admin_listener``).
+
+The guard wraps each admin route rather than being an app-level middleware:
+aiohttp keeps every middleware's frame alive for as long as its handler runs,
+which for ``/ws`` is the whole life of a client connection (about 0.7 KB per
+idle client, with the frame aiohttp adds whenever an app has middlewares).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -23,17 +30,17 @@ from subsys.web.admin.metrics import AdminMetrics
 from subsys.web.admin.openapi import openapi_document
 from subsys.web.admin.routes import PRINCIPAL, ROUTES, ApiError
 from subsys.web.admin.zombies import ZOMBIE_ROUTES, setup_zombies
-from subsys.web.appkeys import HTTP, NODE
+from subsys.web._net import on_admin_listener
+from subsys.web.appkeys import ADMIN_PORT, HTTP, NODE
 from subsys.web.health import EXTRA_COLLECTORS
 
-__all__ = ["setup_admin", "EVENTS", "ADMIN_PORT"]
+__all__ = ["setup_admin", "EVENTS"]
 
 log = logging.getLogger(__name__)
 
 EVENTS: web.AppKey[EventHub] = web.AppKey("subsys_admin_events", EventHub)
 AUTH: web.AppKey[Authenticator] = web.AppKey("subsys_admin_auth", Authenticator)
 METRICS: web.AppKey[AdminMetrics] = web.AppKey("subsys_admin_metrics", AdminMetrics)
-ADMIN_PORT: web.AppKey[int] = web.AppKey("subsys_admin_port", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -44,25 +51,31 @@ def _error(status: int, code: str, message: str, detail: dict | None = None) -> 
     return web.Response(text=body.model_dump_json(), status=status, content_type="application/json", headers=headers)
 
 
-def _local_port(request: web.Request) -> int | None:
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    return sockname[1] if sockname else None
+def _admin_route(handler: Handler) -> Handler:
+    """``handler`` behind the admin guard: the listener, the token and role, errors as JSON, metrics."""
+
+    @functools.wraps(handler)
+    async def admin_route(request: web.Request) -> web.StreamResponse:
+        if request.app[ADMIN_PORT] and not on_admin_listener(request):
+            raise web.HTTPNotFound()  # on the client port the admin API does not exist, not even as a 401
+        response = await _admin(request, handler)
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
+        request.app[METRICS].requests.labels(route=f"{request.method} {route}", status=str(response.status)).inc()
+        return response
+
+    return admin_route
 
 
-@web.middleware
-async def admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    admin_port = request.app.get(ADMIN_PORT, 0)
-    is_admin = request.path.startswith(api.API_PREFIX + "/") or request.path == api.API_PREFIX
-    if admin_port:
-        on_admin_listener = _local_port(request) == admin_port
-        if is_admin != on_admin_listener and not request.path.startswith(("/health", "/metrics")):
-            raise web.HTTPNotFound()
-    if not is_admin:
-        return await handler(request)
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
-    response = await _admin(request, handler)
-    request.app[METRICS].requests.labels(route=f"{request.method} {route}", status=str(response.status)).inc()
-    return response
+async def _no_such_route(request: web.Request) -> web.StreamResponse:
+    """Any other path under the prefix: 405 when the path exists with another method, else 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            _match, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 async def _admin(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -134,10 +147,12 @@ def setup_admin(app: web.Application) -> None:
     app[EXTRA_COLLECTORS].append(app[METRICS])
     app[ADMIN_PORT] = node.settings.node.admin_port
     app[GATHERS] = {}
-    app.middlewares.append(admin_middleware)
     for method, path, handler, _operator, _summary, _request, _response, _query in ALL_ROUTES:
-        app.router.add_route(method, api.API_PREFIX + path, handler)
+        app.router.add_route(method, api.API_PREFIX + path, _admin_route(handler))
     setup_zombies(app)
-    app.router.add_get(api.API_PREFIX + "/events", _events)
-    app.router.add_get(api.API_PREFIX + "/openapi.json", _openapi)
+    app.router.add_get(api.API_PREFIX + "/events", _admin_route(_events), allow_head=False)
+    app.router.add_get(api.API_PREFIX + "/openapi.json", _admin_route(_openapi), allow_head=False)
+    # Registered last: the router tries the routes above first.
+    app.router.add_route("*", api.API_PREFIX, _admin_route(_no_such_route))
+    app.router.add_route("*", api.API_PREFIX + "/{tail:.*}", _admin_route(_no_such_route))
     app.cleanup_ctx.append(_hub_ctx)
