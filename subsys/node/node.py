@@ -242,9 +242,14 @@ class Node:
                 await asyncio.sleep(0.5)
             kick = asyncio.ensure_future(self._kick.wait())
             change = asyncio.ensure_future(self.coordinator.wait_changed(seen, _TICK))
-            done, pending = await asyncio.wait({kick, change}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
+            done, pending = set(), {kick, change}
+            try:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Cancelled here (the node stops), the waits must end too: a task left pending on
+                # the node's event is destroyed pending when the node is collected, and logs so.
+                for task in pending:
+                    task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             full = kick in done
             if change in done:

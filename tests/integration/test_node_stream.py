@@ -246,3 +246,23 @@ async def test_a_large_snapshot_reaches_the_client_library(start_node, database_
         assert snapshot["type"] == "snapshot" and len(snapshot["rows"]) == 8
         assert all(len(row["body"]) == 600000 for row in snapshot["rows"])
         await sub.stop()
+
+
+async def test_a_stopped_node_leaves_no_task_behind(start_node, database_url):
+    """Every task a node starts has an owner that ends it: after the node stops, none is pending.
+
+    A task left pending (say, a wait on the node's own event) is destroyed pending when the
+    node is collected, which asyncio logs as an error in whatever runs next."""
+    await db_execute(database_url, SCHEMA)
+    before = asyncio.all_tasks()
+    node = await start_node({"items": ITEMS_FEED}, database_url=database_url)
+    async with connect(node.ws_url) as client:
+        sub = Subscription(client, "items:1")
+        assert (await sub.next())["type"] == "snapshot"
+        await node.stop()
+        await asyncio.wait_for(client.closed.wait(), 15)
+        await sub.stop()
+    for _ in range(3):
+        await asyncio.sleep(0)  # let what was cancelled finish
+    left = [task for task in asyncio.all_tasks() - before if not task.done() and task is not asyncio.current_task()]
+    assert not left, "\n".join(f"{task.get_name()}: {task.get_coro()!r}" for task in left)
