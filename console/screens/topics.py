@@ -16,7 +16,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.widgets import Input
+from textual.widgets import Input, Static
 
 from subsys.client.admin import AdminError
 from subsys.core import admin as api
@@ -101,10 +101,12 @@ class TopicsScreen(ConsoleScreen):
     def compose_body(self) -> ComposeResult:
         with Vertical(id="body"):
             yield PagedTable(COLUMNS, id="topics")
+            yield Static(id="topics-empty", classes="panel")
             yield Input(id="prompt", classes="prompt")
 
     def on_mount(self) -> None:
         self.query_one("#prompt", Input).display = False
+        self.query_one("#topics-empty", Static).display = False
         self.table.mark_sorted(self.sort, self.descending)
         self.table.border_title = "topics"
 
@@ -174,6 +176,28 @@ class TopicsScreen(ConsoleScreen):
         if page.partial:
             sub += f" · partial: {', '.join(p.node for p in page.unavailable)} did not answer"
         table.border_subtitle = sub
+        self._show_empty(page.total == 0, sub)
+
+    def _show_empty(self, empty: bool, subtitle: str) -> None:
+        """In place of an empty table, say why it is empty and what to do (the table keeps the keys)."""
+        hint = self.query_one("#topics-empty", Static)
+        table = self.table
+        if empty:
+            if self.filters.describe():
+                text = Text.assemble(("No topic matches ", "bold"), (self.filters.describe(), "bold"),
+                                     "\n\nesc clears the filter, / edits it.")  # fmt: skip
+            else:
+                text = Text.assemble(
+                    ("No topics.", "bold"),
+                    "\n\nA topic exists while some client subscribes to it, on any node. Subscribe to one,"
+                    "\nfor example with ", ("subsys sub FEED:PARAM", "bold"), " in another terminal,"
+                    " and it appears here at once.",
+                )
+            hint.update(text)
+            hint.border_title, hint.border_subtitle = "topics", subtitle
+        hint.display, table.display = empty, not empty
+        if not empty and self.focused is None:
+            table.focus()
 
     @property
     def selected(self) -> api.TopicSummary | None:

@@ -21,6 +21,26 @@ def topics_shown(app: ConsoleApp) -> list[str]:
     return list(app.screen.query_one("#topics", PagedTable).keys)
 
 
+def empty_hint(app: ConsoleApp) -> str:
+    hint = app.screen.query_one("#topics-empty")
+    return text_of(hint) if hint.display else ""
+
+
+async def test_an_empty_cluster_says_how_a_topic_comes_to_be_and_the_first_one_appears(console_node) -> None:
+    app = ConsoleApp([console_node.base_url], OPERATOR)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.backend.connected, message="connected")
+        await pilot.press("2")
+        await until(pilot, lambda: "No topics." in empty_hint(app), message="the hint, in place of an empty table")
+        assert "subsys sub FEED:PARAM" in empty_hint(app)
+        async with connect(console_node.ws_url) as client:
+            sub = Subscription(client, "items:1")
+            await sub.next()
+            await until(pilot, lambda: topics_shown(app) == ["items:1"], message="the first topic", timeout=15)
+            assert app.screen.query_one("#topics", PagedTable).display and empty_hint(app) == ""
+            await sub.stop()
+
+
 async def test_a_subscribed_topic_appears_and_the_table_sorts_and_filters(console_node) -> None:
     async with connect(console_node.ws_url) as client:
         subs = [Subscription(client, t) for t in ("items:1", "items:2", "items:3")]
@@ -48,8 +68,11 @@ async def test_a_subscribed_topic_appears_and_the_table_sorts_and_filters(consol
             await pilot.press("enter")  # the filter stays, the table has the keys again
             await pilot.press("slash", "ctrl+u", *"state:error")
             await until(pilot, lambda: topics_shown(app) == [], message="no failing topic")
+            await until(pilot, lambda: "No topic matches" in empty_hint(app), message="the empty list says why")
+            assert "state:error" in empty_hint(app)
             await pilot.press("escape")
             await until(pilot, lambda: len(topics_shown(app)) == 3, message="filter cleared")
+            assert table.display and not app.screen.query_one("#topics-empty").display
         for sub in subs:
             await sub.stop()
 
