@@ -328,3 +328,28 @@ async def test_a_known_path_with_another_method_is_a_405_and_no_route_is_an_app_
     # The admin guard wraps its own routes: an app-level middleware would stay on the stack of
     # every /ws handler, for the whole life of every client connection (memory per client).
     assert not node.app.middlewares
+
+
+async def test_every_mutating_call_writes_one_audit_line_naming_the_token_by_its_id(admin_node, caplog) -> None:
+    node, checked = admin_node
+    caplog.set_level(logging.INFO, logger="subsys.audit")
+    async with connect(node.ws_url) as client:
+        sub = Subscription(client, "items:1")
+        await sub.next()
+        calls = [
+            ("/topics/items:1/failover", {}, "failover", "items:1", "ok"),
+            ("/topics/items:1/failover", {"to": "nowhere"}, "failover", "items:1", "refused: unknown_node"),
+            (f"/nodes/{node.node_id}/drain", None, "drain", node.node_id, "ok"),
+            (f"/nodes/{node.node_id}/undrain", None, "undrain", node.node_id, "ok"),
+            ("/nodes/no-such-node/drain", None, "drain", "no-such-node", "refused: unknown_node"),
+        ]
+        for path, body, *_ in calls:
+            await checked.call("POST", path, body=body)
+        await checked.call("GET", "/topics/items:1")  # reading writes no audit line
+        await sub.stop()
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "subsys.audit"]
+    assert [(a["audit"], a["target"], a["result"]) for a in lines] == [c[2:] for c in calls], lines
+    for line in lines:
+        assert line["token"].startswith("operator:") and line["duration_ms"] >= 0, line
+    assert lines[0]["epoch_after"] > lines[0]["epoch_before"]
+    assert OPERATOR not in caplog.text and READER not in caplog.text, "a token never reaches the log"
