@@ -73,15 +73,22 @@ def serve(
 @app.command()
 def sub(
     topic: str = typer.Argument(..., help="Topic, e.g. orders:1"),
-    url: str = typer.Option("ws://127.0.0.1:8080/ws", "--url", "-u", envvar="SUBSYS_URL", help="Node WebSocket URL."),
+    urls: Optional[List[str]] = typer.Option(
+        None, "--url", "-u", show_default=False,
+        help="A node (ws://host:port/ws or http://host:port); repeat it, or separate with commas, to name more: "
+             "when a connection is lost the next one is tried. Default: $SUBSYS_URL, else ws://127.0.0.1:8080/ws.",
+    ),  # fmt: skip
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per line."),
     count: int = typer.Option(0, help="Exit after this many messages (0: run until Ctrl-C)."),
+    reconnect: bool = typer.Option(True, "--reconnect/--no-reconnect",
+                                   help="On a lost connection, go on through the next node (or exit 1)."),
 ) -> None:
-    """Subscribe to a topic and print its snapshot and diffs as they arrive."""
+    """Subscribe to a topic and print its snapshot and diffs as they arrive (through another node when one goes away)."""
+    from subsys.cli.admin import admin_urls
     from subsys.cli.sub import run_sub
 
     try:
-        code = asyncio.run(run_sub(topic, url=url, as_json=as_json, count=count))
+        code = asyncio.run(run_sub(topic, urls=admin_urls(urls), as_json=as_json, count=count, reconnect=reconnect))
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)

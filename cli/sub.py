@@ -2,29 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from subsys.client.ws import TopicView, connect
+from subsys.client.ws import TopicView, connect, follow, ws_url
 
 out = Console(soft_wrap=True)  # a row per line, also when piped
 err = Console(stderr=True)
 
 
-async def run_sub(topic: str, *, url: str, as_json: bool, count: int) -> int:
+async def run_sub(topic: str, *, urls: list[str], as_json: bool, count: int, reconnect: bool) -> int:
+    """Print ``topic``'s messages; with ``reconnect``, carry on through the next node when one is lost."""
     view = TopicView()
     seen = 0
+
+    def on_event(kind: str, detail: str) -> None:
+        err.print(f"[yellow]{detail}[/]" if kind != "connected" else f"[green]reconnected to {detail}[/]")
+
+    if not reconnect:
+        return await _once(topic, urls[0], view, as_json=as_json, count=count)
+    try:
+        async with contextlib.aclosing(follow(urls, topic, on_event=on_event)) as messages:
+            async for frame in messages:
+                seen += 1
+                _print(frame, view, as_json)
+                if frame.get("type") == "error":
+                    return 1
+                if count and seen >= count:
+                    return 0
+    except ConnectionError as exc:
+        err.print(f"[red]{exc}[/]")
+        return 1
+    return 1  # not reached: follow() ends only when the caller stops
+
+
+async def _once(topic: str, url: str, view: TopicView, *, as_json: bool, count: int) -> int:
+    url, seen = ws_url(url), 0
     try:
         async with connect(url) as client:
             async for frame in client.subscribe(topic):
                 seen += 1
-                if as_json:
-                    print(json.dumps(frame), flush=True)
-                else:
-                    _pretty(frame, view)
+                _print(frame, view, as_json)
                 if frame.get("type") == "error":
                     return 1
                 if count and seen >= count:
@@ -34,6 +56,13 @@ async def run_sub(topic: str, *, url: str, as_json: bool, count: int) -> int:
     except (aiohttp.ClientError, OSError) as exc:
         err.print(f"[red]cannot connect to {url}:[/] {exc}")
         return 1
+
+
+def _print(frame: dict, view: TopicView, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(frame), flush=True)
+    else:
+        _pretty(frame, view)
 
 
 def _pretty(frame: dict, view: TopicView) -> None:

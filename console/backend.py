@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import time
 from typing import Any, Awaitable, Callable, TypeVar
 
+import aiohttp
 from textual.message import Message
 
 from subsys.client import ws
@@ -111,6 +113,7 @@ class Backend:
         self.admin = AdminClient(urls, token=token, timeout=REQUEST_TIMEOUT)
         self.post = post
         self._connect = connect
+        self._client_ws: str | None = None  # learnt behind a separate admin listener (ws_url)
         self.clock = clock
         self.node: str | None = None  # the node the console is talking to
         self.url = self.admin.url
@@ -268,9 +271,20 @@ class Backend:
     # -- live rows ------------------------------------------------------------------------------
 
     def ws_url(self) -> str:
-        # The admin API and /ws are the same aiohttp app (also on a separate admin port).
-        base = self.admin.url
-        return ("wss://" + base[8:] if base.startswith("https://") else "ws://" + base[7:]) + "/ws"
+        """Where the console subscribes like a client: the admin URL's node, on its client port.
+
+        Usually the admin API and /ws share that port. Behind a separate admin listener
+        (``node.admin_port``) /ws is refused there (404): then the node's own address, as
+        its peers reach it (learnt by :meth:`_client_address`), is the client port.
+        """
+        return self._client_ws or ws.ws_url(self.admin.url)
+
+    async def _client_address(self) -> None:
+        """After a 404 on the admin URL's /ws: use the answering node's advertised address."""
+        nodes = await self.admin.nodes()
+        mine = next((n for n in nodes.nodes if n.node == nodes.answered_by), None)
+        if mine is not None and mine.address:
+            self._client_ws = ws.ws_url(mine.address)
 
     def watch(self, topic: str) -> LiveTopic:
         """Subscribe to ``topic`` like any client (it counts as a subscriber) until :meth:`unwatch`."""
@@ -299,8 +313,16 @@ class Backend:
                         self.post(RowsChanged(live.topic))
             except asyncio.CancelledError:
                 raise
+            except aiohttp.WSServerHandshakeError as exc:
+                live.error = f"connection: {exc!r}"
+                if exc.status == 404 and self._client_ws is None:
+                    with contextlib.suppress(AdminError):
+                        await self._client_address()
+                    if self._client_ws is not None:
+                        continue  # at once, through the client port
             except Exception as exc:
                 live.error = f"connection: {exc!r}"
+                self._client_ws = None  # that node may be gone: learn again from the admin URL in use
             if live.state != "error":
                 live.state = "reconnecting"
             self.post(RowsChanged(live.topic))

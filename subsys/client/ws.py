@@ -6,6 +6,13 @@
 
 ``subscribe`` yields every message about the topic (snapshot, diff, resync,
 status, error) as dicts; ``TopicView`` keeps the current rows for you.
+
+``follow`` does the same over a list of nodes and carries on through the next
+one when a connection is lost (a node stopped, drained, died), as
+docs/protocol.md section 12 asks of a client::
+
+    async for message in follow(["http://web-1:8080", "http://web-2:8080"], "orders:42"):
+        view.apply(message)
 """
 
 from __future__ import annotations
@@ -14,11 +21,15 @@ import asyncio
 import collections
 import contextlib
 import json
-from typing import Any, AsyncIterator
+import random
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import aiohttp
 
-__all__ = ["connect", "Client", "TopicView"]
+__all__ = ["connect", "follow", "ws_url", "Client", "TopicView"]
+
+# What a lost or refused connection raises; anything else is a bug, not a reason to reconnect.
+_CONNECTION_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
 
 class Client:
@@ -93,6 +104,75 @@ async def connect(url: str, *, timeout: float = 10.0, max_msg_size: int = 0) -> 
             client._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await client._reader
+
+
+def ws_url(url: str) -> str:
+    """A node's WebSocket URL from any way of naming the node.
+
+    ``ws://host:port/ws`` stays as it is; ``http://host:port`` (what the admin
+    commands take, and ``$SUBSYS_URL`` holds) becomes ``ws://host:port/ws``,
+    ``https://`` becomes ``wss://``, and a bare ``host:port`` is ``ws://``.
+    """
+    url = url.strip().rstrip("/")
+    if url.startswith("http://"):
+        url = "ws://" + url[len("http://"):]
+    elif url.startswith("https://"):
+        url = "wss://" + url[len("https://"):]
+    elif "://" not in url:
+        url = "ws://" + url
+    return url if "/" in url.partition("://")[2] else url + "/ws"
+
+
+async def follow(
+    urls: Sequence[str],
+    topic: str,
+    *,
+    on_event: Callable[[str, str], None] | None = None,
+    retry_max: float = 5.0,
+    timeout: float = 10.0,
+) -> AsyncIterator[dict[str, Any]]:
+    """Every message about ``topic``, through the first of ``urls`` that answers, then the next.
+
+    When a connection is lost, ``follow`` tries the next node at once, then
+    each in turn with a backoff (0.5 s doubling up to ``retry_max``, with
+    jitter), until one answers; its first message is the topic's new
+    ``snapshot``, the whole truth (epoch and seq do not carry over between
+    connections: docs/protocol.md section 12). ``on_event(kind, detail)``
+    hears of it: ``"lost"``, ``"waiting"``, ``"connected"``.
+
+    Raises ``ConnectionError`` when no node answers at the start: a wrong
+    address should fail at once, not wait forever. After that it never
+    gives up on its own; stop iterating to stop (an ``error`` message, such
+    as ``unknown_feed``, is yielded like any other: the caller decides).
+    """
+    targets = [ws_url(url) for url in urls]
+    if not targets:
+        raise ValueError("follow() needs at least one node URL")
+    tell = on_event or (lambda kind, detail: None)
+    index, failures, connected_once = 0, 0, False
+    while True:
+        url = targets[index]
+        try:
+            async with connect(url, timeout=timeout) as client:
+                failures = 0
+                if connected_once:
+                    tell("connected", url)
+                connected_once = True
+                async for message in client.subscribe(topic):
+                    yield message
+            lost = f"{url} closed the connection (code {client.close_code})"
+        except _CONNECTION_ERRORS as exc:
+            failures += 1
+            if not connected_once and failures >= len(targets):
+                raise ConnectionError(f"cannot connect to {', '.join(targets)}: {exc or type(exc).__name__}") from exc
+            lost = f"cannot connect to {url}: {exc or type(exc).__name__}"
+        index = (index + 1) % len(targets)
+        tell("lost", f"{lost}; trying {targets[index]}")
+        rounds = failures // len(targets)
+        if failures and failures % len(targets) == 0:  # every node refused once more: back off
+            delay = min(retry_max, 0.5 * 2 ** (rounds - 1)) * random.uniform(0.8, 1.2)
+            tell("waiting", f"no node answers; trying again in {delay:.1f}s")
+            await asyncio.sleep(delay)
 
 
 class TopicView:

@@ -12,8 +12,9 @@ from subsys.console.screens.topic import TopicScreen
 from subsys.console.screens.topics import TopicsScreen
 from subsys.console.widgets.rows import LiveRows
 from subsys.console.widgets.table import PagedTable
+from subsys.testing.procs import free_port
 
-from conftest import OPERATOR, SIZE, text_of, until
+from conftest import FEEDS, OPERATOR, SECRETS, SIZE, text_of, until
 from support import Subscription, db_execute
 
 
@@ -101,6 +102,22 @@ async def test_topic_detail_shows_rows_changing_live_with_the_change_highlighted
         await pilot.press("escape")
         await until(pilot, lambda: isinstance(app.screen, TopicsScreen))
         await until(pilot, lambda: "items:2" not in app.backend.live, message="unsubscribed on leaving")
+
+
+async def test_behind_a_separate_admin_listener_the_live_rows_come_through_the_client_port(
+    start_node, console_db
+) -> None:
+    admin_port = free_port()
+    node = await start_node(FEEDS, database_url=console_db, secrets=SECRETS,
+                            node={"node_id": "node-1", "admin_port": admin_port})  # fmt: skip
+    app = ConsoleApp([f"http://127.0.0.1:{admin_port}"], OPERATOR)  # the operator knows only the admin port
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.backend.connected)
+        await pilot.press("2", "g", *"items:2", "enter")
+        await until(pilot, lambda: isinstance(app.screen, TopicScreen))
+        rows = app.screen.query_one("#rows", LiveRows)
+        await until(pilot, lambda: len(rows.plain_rows()) == 5, message="the rows, through the client port")
+        assert app.backend.ws_url() == node.ws_url
 
 
 async def _failover_modal(pilot, app: ConsoleApp) -> ActionModal:

@@ -126,3 +126,64 @@ async def test_sub_reports_a_bad_topic_and_exits_nonzero(start_node, database_ur
 async def test_sub_cannot_connect(tmp_path):
     code, out, err = await _run("sub", "items:1", "--url", f"ws://127.0.0.1:{free_port()}/ws")
     assert code != 0 and "cannot connect" in err
+
+
+ITEMS = "CREATE TABLE items (id int PRIMARY KEY, grp int, qty int); INSERT INTO items VALUES (1, 1, 10);"
+ITEMS_FEED = {"items": {"sql": "SELECT id, qty FROM items WHERE grp = $1", "key": "id", "param": "int", "interval": 0.05}}
+
+
+async def test_sub_takes_the_node_url_the_admin_commands_take(start_node, database_url):
+    """The README's quick start exports SUBSYS_URL=http://host:port for the console; `subsys sub` takes it too."""
+    await db_execute(database_url, ITEMS)
+    node = await start_node(ITEMS_FEED, database_url=database_url)
+    for url in (node.base_url, f"{node.base_url},http://127.0.0.1:{free_port()}"):
+        code, out, err = await _run("sub", "items:1", "--json", "--count", "1", env=_env(SUBSYS_URL=url))
+        assert code == 0, err
+        assert json.loads(out.splitlines()[0])["rows"] == [{"id": 1, "qty": 10}]
+
+
+async def test_sub_goes_on_through_the_next_node_when_its_node_goes_away(start_node, database_url):
+    await db_execute(database_url, ITEMS)
+    first = await start_node(ITEMS_FEED, database_url=database_url)
+    later_port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        SUBSYS, "sub", "items:1", "--json", "--count", "2",
+        "--url", first.base_url, "--url", f"http://127.0.0.1:{later_port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    try:
+        snapshot = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert snapshot["type"] == "snapshot" and snapshot["rows"] == [{"id": 1, "qty": 10}]
+        await first.stop()  # its clients are closed with 1001; nothing listens at either address for a while
+        await asyncio.sleep(1.5)  # long enough for the sub to find both addresses refusing and back off
+        await db_execute(database_url, "UPDATE items SET qty = 11 WHERE id = 1")
+        await start_node(ITEMS_FEED, database_url=database_url, node={"port": later_port})
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    again = json.loads(out.decode().splitlines()[0])
+    assert again["type"] == "snapshot" and again["rows"] == [{"id": 1, "qty": 11}], "the new node's current state"
+    said = err.decode()
+    assert "closed the connection (code 1001)" in said and "no node answers" in said, said
+    assert f"reconnected to ws://127.0.0.1:{later_port}/ws" in said, said
+
+
+async def test_sub_without_reconnect_exits_when_its_node_goes_away(start_node, database_url):
+    await db_execute(database_url, ITEMS)
+    node = await start_node(ITEMS_FEED, database_url=database_url)
+    proc = await asyncio.create_subprocess_exec(
+        SUBSYS, "sub", "items:1", "--json", "--no-reconnect", "--url", node.ws_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(),
+    )  # fmt: skip
+    try:
+        assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))["type"] == "snapshot"
+        await node.stop()
+        _out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1 and "connection closed by server (code 1001)" in err.decode()
