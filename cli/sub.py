@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import AsyncIterator
 
 import aiohttp
 from rich.console import Console
@@ -18,44 +19,44 @@ err = Console(stderr=True)
 async def run_sub(topic: str, *, urls: list[str], as_json: bool, count: int, reconnect: bool) -> int:
     """Print ``topic``'s messages; with ``reconnect``, carry on through the next node when one is lost."""
     view = TopicView()
-    seen = 0
 
     def on_event(kind: str, detail: str) -> None:
         err.print(f"[yellow]{detail}[/]" if kind != "connected" else f"[green]reconnected to {detail}[/]")
 
     if not reconnect:
-        return await _once(topic, urls[0], view, as_json=as_json, count=count)
+        return await _once(topic, ws_url(urls[0]), view, as_json=as_json, count=count)
     try:
         async with contextlib.aclosing(follow(urls, topic, on_event=on_event)) as messages:
-            async for frame in messages:
-                seen += 1
-                _print(frame, view, as_json)
-                if frame.get("type") == "error":
-                    return 1
-                if count and seen >= count:
-                    return 0
+            code = await _print_messages(messages, view, as_json=as_json, count=count)
     except ConnectionError as exc:
         err.print(f"[red]{exc}[/]")
         return 1
-    return 1  # not reached: follow() ends only when the caller stops
+    return 1 if code is None else code  # None: not reached, follow() ends only when the caller stops
 
 
 async def _once(topic: str, url: str, view: TopicView, *, as_json: bool, count: int) -> int:
-    url, seen = ws_url(url), 0
     try:
         async with connect(url) as client:
-            async for frame in client.subscribe(topic):
-                seen += 1
-                _print(frame, view, as_json)
-                if frame.get("type") == "error":
-                    return 1
-                if count and seen >= count:
-                    return 0
-            err.print(f"connection closed by server (code {client.close_code})")
-            return 1
+            code = await _print_messages(client.subscribe(topic), view, as_json=as_json, count=count)
+            if code is None:
+                err.print(f"connection closed by server (code {client.close_code})")
+            return 1 if code is None else code
     except (aiohttp.ClientError, OSError) as exc:
         err.print(f"[red]cannot connect to {url}:[/] {exc}")
         return 1
+
+
+async def _print_messages(messages: AsyncIterator[dict], view: TopicView, *, as_json: bool, count: int) -> int | None:
+    """Print until an error message (1), ``count`` messages (0), or the end of the stream (None)."""
+    seen = 0
+    async for frame in messages:
+        seen += 1
+        _print(frame, view, as_json)
+        if frame.get("type") == "error":
+            return 1
+        if count and seen >= count:
+            return 0
+    return None
 
 
 def _print(frame: dict, view: TopicView, as_json: bool) -> None:
