@@ -30,6 +30,8 @@ __all__ = ["connect", "follow", "ws_url", "Client", "TopicView"]
 
 # What a lost or refused connection raises; anything else is a bug, not a reason to reconnect.
 _CONNECTION_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+# A connection that lasted this long (seconds) was healthy: the backoff starts again from its first step.
+_HEALTHY_AFTER = 5.0
 
 
 class Client:
@@ -149,17 +151,21 @@ async def follow(
     if not targets:
         raise ValueError("follow() needs at least one node URL")
     tell = on_event or (lambda kind, detail: None)
+    loop = asyncio.get_running_loop()
     index, failures, connected_once = 0, 0, False
     while True:
         url = targets[index]
         try:
-            async with connect(url, timeout=timeout) as client:
-                failures = 0
+            async with contextlib.AsyncExitStack() as stack:
+                async with asyncio.timeout(timeout):  # a frozen node accepts, and never answers the handshake
+                    client = await stack.enter_async_context(connect(url, timeout=timeout))
                 if connected_once:
                     tell("connected", url)
-                connected_once = True
+                connected_once, since = True, loop.time()
                 async for message in client.subscribe(topic):
                     yield message
+            # A connection that ends at once (a node closing everyone) counts as a failure: no tight loop.
+            failures = 0 if loop.time() - since >= _HEALTHY_AFTER else failures + 1
             lost = f"{url} closed the connection (code {client.close_code})"
         except _CONNECTION_ERRORS as exc:
             failures += 1
@@ -168,9 +174,8 @@ async def follow(
             lost = f"cannot connect to {url}: {exc or type(exc).__name__}"
         index = (index + 1) % len(targets)
         tell("lost", f"{lost}; trying {targets[index]}")
-        rounds = failures // len(targets)
-        if failures and failures % len(targets) == 0:  # every node refused once more: back off
-            delay = min(retry_max, 0.5 * 2 ** (rounds - 1)) * random.uniform(0.8, 1.2)
+        if failures and failures % len(targets) == 0:  # every node failed once more: back off
+            delay = min(retry_max, 0.5 * 2 ** (failures // len(targets) - 1)) * random.uniform(0.8, 1.2)
             tell("waiting", f"no node answers; trying again in {delay:.1f}s")
             await asyncio.sleep(delay)
 

@@ -187,3 +187,29 @@ async def test_sub_without_reconnect_exits_when_its_node_goes_away(start_node, d
             proc.kill()
             await proc.wait()
     assert proc.returncode == 1 and "connection closed by server (code 1001)" in err.decode()
+
+
+async def test_follow_passes_over_a_node_that_accepts_and_never_answers(start_node, database_url):
+    """A frozen process (SIGSTOP) still accepts connections: the handshake times out and the next node serves."""
+    from subsys.client.ws import follow
+
+    await db_execute(database_url, ITEMS)
+    node = await start_node(ITEMS_FEED, database_url=database_url)
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    silent_url = f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    events: list[tuple[str, str]] = []
+    try:
+        messages = follow([silent_url, node.base_url], "items:1", timeout=1.0, on_event=lambda *e: events.append(e))
+        first = await asyncio.wait_for(anext(messages), 30)
+        await messages.aclose()
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+    assert first["type"] == "snapshot" and first["rows"] == [{"id": 1, "qty": 10}]
+    assert [kind for kind, _ in events] == ["lost"] and "cannot connect" in events[0][1], events
