@@ -236,7 +236,8 @@ class Writer:
         delay = 0.1
         while True:
             try:
-                return await asyncio.wait_for(asyncpg.connect(self.url, timeout=5), 10)
+                async with asyncio.timeout(10):  # not wait_for: on 3.11 it can lose a cancellation
+                    return await asyncpg.connect(self.url, timeout=5)
             except Exception as exc:  # the server is away: anything but "try again" would end the writer
                 _note_unexpected(exc)
                 await asyncio.sleep(delay)
@@ -254,7 +255,8 @@ class Writer:
                     self.conn.terminate()
             self.conn = await self._connect()
             try:
-                return await asyncio.wait_for(self.conn.fetchval("select v from chaos_rows where id = $1", rid), 10)
+                async with asyncio.timeout(10):
+                    return await self.conn.fetchval("select v from chaos_rows where id = $1", rid)
             except Exception as exc:
                 _note_unexpected(exc)
                 await asyncio.sleep(0.1)
@@ -283,7 +285,8 @@ class Writer:
         try:
             self.step = f"{kind} of row {rid}"
             # asyncpg's own timeout is not trusted to fire on a connection the server dropped.
-            await asyncio.wait_for(self._apply(kind, topic, rid, value), 15)
+            async with asyncio.timeout(15):
+                await self._apply(kind, topic, rid, value)
         except Exception as exc:
             if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _DOUBT):
                 self.errors += 1  # the server refused it: not committed

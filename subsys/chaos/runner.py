@@ -122,7 +122,8 @@ class ChaosRun:
                 ClientPool(self.history, self.inv, lambda: cluster.nodes, seed=config.seed)
             )
             self.pool = pool
-            background = [asyncio.create_task(c) for c in (writer.run(), self.sampler.run(), self._watch_crashes())]
+            background = [asyncio.create_task(coro, name=name) for name, coro in
+                          (("writer", writer.run()), ("sampler", self.sampler.run()), ("crash watch", self._watch_crashes()))]  # fmt: skip
             stack.push_async_callback(_cancel, background)
             self.ctx = FaultContext(cluster, pool, random.Random(config.seed + 1), config.check_ttl,
                                     churn_topics=self.churn_topics, main_topics=self.topics)  # fmt: skip
@@ -320,10 +321,20 @@ async def _empty(found: Any) -> bool:
     return not await found
 
 
-async def _cancel(tasks: list[asyncio.Task]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+async def _cancel(tasks: list[asyncio.Task], *, within: float = 30.0) -> None:
+    """Cancel ``tasks`` and wait for them, cancelling again while any runs on (Python 3.11's
+    ``wait_for`` can lose a cancellation); a task still running after ``within`` is an error,
+    never a hang."""
+    deadline = asyncio.get_running_loop().time() + within
+    while pending := [task for task in tasks if not task.done()]:
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"background tasks would not stop: {[t.get_name() for t in pending]}")
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:  # retrieve their outcomes: nothing logged as never retrieved
+        if not task.cancelled():
+            task.exception()
 
 
 def _fmt(value: float | None) -> str:

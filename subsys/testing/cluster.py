@@ -296,11 +296,11 @@ class LocalCluster:
             await conn.close()
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(self.database_url)
+        conn = await asyncpg.connect(self.database_url, timeout=10)
         try:
-            return await conn.fetch(sql, *args)
+            return await conn.fetch(sql, *args, timeout=30)  # a hung read fails the check, never hangs it
         finally:
-            await conn.close()
+            await conn.close(timeout=5)
 
     def logs(self, tail: int = 4000) -> str:
         parts = [f"===== {node.name}\n{node.logs()[-tail:]}" for node in self.nodes.values()]

@@ -29,6 +29,7 @@ the topic at that epoch *and* the session was confirmed within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Callable
@@ -259,10 +260,11 @@ class ConsulCoordinator(Coordinator):
                 self._repeats.clear("fenced")
             delay = _HEARTBEAT - (time.monotonic() - started)
             if delay > 0:
-                try:
-                    await asyncio.wait_for(self._reregister.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: on 3.11, wait_for can lose a cancellation that
+                # arrives as the wait ends, and this loop would then outlive the node's shutdown.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._reregister.wait()
 
     async def _confirm(self, started: float) -> None:
         if self.session is None or self._reregister.is_set():
